@@ -1,0 +1,323 @@
+"""Frozen, self-validating configuration dataclasses and named presets.
+
+Every config checks itself at construction and raises ``ValueError`` naming the field and the
+problem, so a bad setting fails before any compilation or training work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ROPE_STYLES = ("half", "interleaved")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def _fail(cls: str, name: str, problem: str) -> None:
+    raise ValueError(f"{cls}.{name}: {problem}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            _fail(type(obj).__name__, name, f"must be a positive integer, got {value!r}")
+
+
+def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        _fail(type(obj).__name__, name, f"must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A dense pre-norm decoder (Llama-style): RMSNorm, RoPE, GQA attention, SwiGLU MLP."""
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0 means d_model // n_heads
+    d_ff: int = 768
+    max_seq_len: int = 1024
+    rope_base: float = 10_000.0
+    rope_style: Literal["half", "interleaved"] = "half"
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    attention_impl: Literal["auto", "xla", "cudnn"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    init_std: float = 0.02
+    remat: bool = False  # recompute each block in the backward pass (saves activation memory)
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
+        if self.head_dim < 0:
+            _fail("ModelConfig", "head_dim", f"must be >= 0 (0 means d_model // n_heads), got {self.head_dim}")
+        if self.head_dim == 0 and self.d_model % self.n_heads:
+            _fail("ModelConfig", "n_heads", f"must divide d_model={self.d_model} when head_dim is 0, got {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            _fail("ModelConfig", "n_kv_heads", f"must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
+        if self.resolved_head_dim % 2:
+            _fail("ModelConfig", "head_dim", f"must be even for RoPE, got {self.resolved_head_dim}")
+        if self.rope_base <= 1.0:
+            _fail("ModelConfig", "rope_base", f"must be > 1, got {self.rope_base}")
+        if self.norm_eps <= 0:
+            _fail("ModelConfig", "norm_eps", f"must be > 0, got {self.norm_eps}")
+        if self.init_std <= 0:
+            _fail("ModelConfig", "init_std", f"must be > 0, got {self.init_std}")
+        _choice(self, "rope_style", ROPE_STYLES)
+        _choice(self, "attention_impl", ATTENTION_IMPLS)
+        _choice(self, "dtype", DTYPES)
+        _choice(self, "param_dtype", DTYPES)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def param_count(self) -> int:
+        """Exact parameter count of :class:`jaxeff.Transformer` built from this config."""
+        hd = self.resolved_head_dim
+        attn = self.d_model * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.d_model * self.d_ff
+        per_layer = attn + mlp + 2 * self.d_model
+        head = 0 if self.tie_embeddings else self.d_model * self.vocab_size
+        return self.vocab_size * self.d_model + self.n_layers * per_layer + self.d_model + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), the PaLM appendix-B convention.
+
+        6 x (matmul parameters, LM head included, input embedding excluded) plus
+        12 x n_layers x n_heads x head_dim x seq_len for the attention scores and values
+        (no discount for the causal mask, as in PaLM and MaxText's MFU).
+        """
+        hd = self.resolved_head_dim
+        matmul_params = (
+            self.n_layers * (self.d_model * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 3 * self.d_model * self.d_ff)
+            + self.d_model * self.vocab_size
+        )
+        return 6.0 * matmul_params + 12.0 * self.n_layers * self.n_heads * hd * seq_len
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it is tokenized and packed."""
+
+    corpus: str = "shakespeare"  # 'shakespeare', 'kjv', or comma-separated paths / globs
+    tokenizer: Literal["byte", "bpe"] = "bpe"
+    bpe_vocab_size: int = 2048
+    val_fraction: float = 0.05  # fraction of documents held out for validation
+    split_seed: int = 0
+
+    def __post_init__(self):
+        if not self.corpus or not isinstance(self.corpus, str):
+            _fail("DataConfig", "corpus", f"must be a non-empty string, got {self.corpus!r}")
+        _choice(self, "tokenizer", ("byte", "bpe"))
+        _positive(self, "bpe_vocab_size")
+        if self.bpe_vocab_size < 260:
+            _fail("DataConfig", "bpe_vocab_size", f"must be >= 260 (256 bytes plus special tokens), got {self.bpe_vocab_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            _fail("DataConfig", "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, evaluation and checkpointing."""
+
+    steps: int = 1000
+    batch_size: int = 16  # global batch, in sequences
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    wsd_decay_fraction: float = 0.2  # WSD: share of steps spent in the final linear decay
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    decay_norms: bool = False
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    mask_documents: bool = True  # attention stays inside each packed document
+    seed: int = 0
+    eval_every: int = 200
+    eval_batches: int = 8
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_ckpts: int = 3
+    sample_tokens: int = 200
+
+    def __post_init__(self):
+        _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                  "log_every", "ckpt_every", "keep_ckpts")
+        if self.batch_size % self.grad_accum:
+            _fail("TrainConfig", "grad_accum", f"must divide batch_size={self.batch_size}, got {self.grad_accum}")
+        if self.lr <= 0:
+            _fail("TrainConfig", "lr", f"must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            _fail("TrainConfig", "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            _fail("TrainConfig", "warmup_steps", f"must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        _choice(self, "schedule", SCHEDULES)
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            _fail("TrainConfig", "wsd_decay_fraction", f"must be in (0, 1], got {self.wsd_decay_fraction}")
+        if self.weight_decay < 0:
+            _fail("TrainConfig", "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.clip_norm < 0:
+            _fail("TrainConfig", "clip_norm", f"must be >= 0 (0 disables clipping), got {self.clip_norm}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                _fail("TrainConfig", name, f"must be in [0, 1), got {getattr(self, name)}")
+        if self.sample_tokens < 0:
+            _fail("TrainConfig", "sample_tokens", f"must be >= 0, got {self.sample_tokens}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape. -1 on one axis means 'all remaining devices'."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if sum(v == -1 for v in sizes.values()) > 1:
+            _fail("MeshConfig", "data", "at most one axis may be -1 (the rest of the devices)")
+        for name, v in sizes.items():
+            if not isinstance(v, int) or (v < 1 and v != -1):
+                _fail("MeshConfig", name, f"must be a positive integer or -1, got {v!r}")
+
+    def resolve(self, n_devices: int) -> dict[str, int]:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        fixed = 1
+        for v in sizes.values():
+            if v != -1:
+                fixed *= v
+        if n_devices % fixed:
+            raise ValueError(f"MeshConfig: axes {sizes} do not divide the {n_devices} available devices")
+        sizes = {k: (n_devices // fixed if v == -1 else v) for k, v in sizes.items()}
+        if sizes["data"] * sizes["fsdp"] * sizes["tensor"] != n_devices:
+            raise ValueError(f"MeshConfig: axes {sizes} use {sizes['data'] * sizes['fsdp'] * sizes['tensor']} "
+                             f"devices but {n_devices} are available")
+        return sizes
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: model, data, training and mesh."""
+
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    run_dir: str = ""  # empty: runs/<name>
+
+    def __post_init__(self):
+        if self.train.seq_len > self.model.max_seq_len:
+            _fail("Config", "train.seq_len", f"{self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+    @property
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or f"runs/{self.name}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return cls(
+            name=d.get("name", "custom"),
+            model=ModelConfig(**d.get("model", {})),
+            data=DataConfig(**d.get("data", {})),
+            train=TrainConfig(**d.get("train", {})),
+            mesh=MeshConfig(**d.get("mesh", {})),
+            run_dir=d.get("run_dir", ""),
+        )
+
+    def override(self, assignments: list[str]) -> "Config":
+        """Applies ``section.field=value`` strings (as given to ``--set``) and re-validates."""
+        d = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ValueError(f"--set {item!r}: expected key=value, for example train.steps=100")
+            key, raw = item.split("=", 1)
+            parts = key.strip().split(".")
+            target, cls = d, Config
+            for p in parts[:-1]:
+                if p not in target or not isinstance(target[p], dict):
+                    raise ValueError(f"--set {item!r}: unknown section {p!r}; sections are model, data, train, mesh")
+                target = target[p]
+                cls = _section_class(p)
+            leaf = parts[-1]
+            if leaf not in target:
+                raise ValueError(f"--set {item!r}: {cls.__name__} has no field {leaf!r}; "
+                                 f"fields are {sorted(target)}")
+            target[leaf] = _parse_value(raw, _field_type(cls, leaf), item)
+        return Config.from_dict(d)
+
+
+def _section_class(name: str) -> type:
+    return {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}[name]
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _parse_value(raw: str, typ: Any, item: str) -> Any:
+    raw = raw.strip()
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ is int:
+            return int(raw)
+        if typ is float:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"--set {item!r}: cannot read {raw!r} as {typ.__name__}") from None
+    return raw
+
+
+PRESETS: dict[str, Config] = {
+    # CPU, 2 cores, a few minutes: ~3.3M parameters on Shakespeare with a 2k BPE vocabulary.
+    "tiny": Config(
+        name="tiny",
+        model=ModelConfig(vocab_size=2048, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512,
+                          max_seq_len=256),
+        data=DataConfig(corpus="shakespeare", tokenizer="bpe", bpe_vocab_size=2048),
+        train=TrainConfig(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=50, eval_every=150,
+                          eval_batches=8, ckpt_every=150, log_every=10),
+    ),
+    # One GPU: ~138M parameters, sequence 2048, bf16 compute with fp32 parameters.
+    "small": Config(
+        name="small",
+        model=ModelConfig(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=3072,
+                          max_seq_len=2048, dtype="bfloat16", param_dtype="float32"),
+        data=DataConfig(corpus="shakespeare", tokenizer="bpe", bpe_vocab_size=32768),
+        train=TrainConfig(steps=2000, batch_size=16, seq_len=2048, lr=1e-3, warmup_steps=100, eval_every=500,
+                          eval_batches=4, ckpt_every=500, log_every=20),
+    ),
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"--config {name!r}: unknown preset; available: {sorted(PRESETS)}")
+    return PRESETS[name]

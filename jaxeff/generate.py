@@ -1,0 +1,96 @@
+"""Sampling from any jaxeff model with a KV cache, the whole decode loop inside one jit."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
+    """Greedy when temperature == 0, else softmax sampling at ``temperature`` among the top_k."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits = logits_BxV.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_B = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth_B, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "temperature", "top_k"))
+def _generate(graphdef, state, tokens_BxP, lengths_B, key, *, max_new_tokens, capacity, temperature, top_k):
+    model = nnx.merge(graphdef, state)
+    b = tokens_BxP.shape[0]
+    cache = model.init_cache(b, capacity)
+    logits_BxPxV, cache = model.extend(tokens_BxP, cache, valid_lengths=lengths_B)
+    last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    keys = jax.random.split(key, max_new_tokens)
+    first_B = sample_logits(last_BxV, keys[0], temperature, top_k)
+
+    def step(carry, key_i):
+        tok_B, cache = carry
+        logits_Bx1xV, cache = model.extend(tok_B[:, None], cache)
+        nxt_B = sample_logits(logits_Bx1xV[:, 0], key_i, temperature, top_k)
+        return (nxt_B, cache), tok_B
+
+    (last_B, _), toks_NxB = jax.lax.scan(step, (first_B, cache), keys[1:])
+    return jnp.concatenate([toks_NxB.T, last_B[:, None]], axis=1)
+
+
+def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+             seed: int = 0, eos_id: int | None = None):
+    """Continues each prompt by ``max_new_tokens`` tokens.
+
+    ``prompt_tokens``: a list of token ids, a list of such lists (lengths may differ), or an int
+    array [B, P]. Returns the prompts followed by their continuations, in the same form (for an
+    array, an array [B, P + max_new_tokens]). With ``eos_id``, a continuation is cut after its
+    first end-of-sequence token (list forms only).
+    """
+    as_array = isinstance(prompt_tokens, (np.ndarray, jax.Array))
+    if as_array:
+        arr = np.asarray(prompt_tokens)
+        if arr.ndim != 2:
+            raise ValueError(f"generate: prompt_tokens array must be [batch, length], got shape {arr.shape}")
+        prompts = [list(map(int, row)) for row in arr]
+    elif prompt_tokens and all(isinstance(t, (int, np.integer)) for t in prompt_tokens):
+        prompts = [list(map(int, prompt_tokens))]
+    else:
+        prompts = [list(map(int, p)) for p in prompt_tokens]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"generate: top_k must be >= 1 or None, got {top_k}")
+    cfg = model.cfg
+    vocab = cfg.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"generate: prompt token {bad[0]} is outside the vocabulary [0, {vocab})")
+    longest = max(len(p) for p in prompts)
+    capacity = longest + max_new_tokens
+    if capacity > cfg.max_seq_len:
+        raise ValueError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_seq_len {cfg.max_seq_len}")
+    tokens = np.zeros((len(prompts), longest), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    graphdef, state = nnx.split(model)
+    new = np.asarray(_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+                               max_new_tokens=max_new_tokens, capacity=capacity, temperature=float(temperature),
+                               top_k=top_k))
+    if as_array:
+        return np.concatenate([np.asarray(prompt_tokens), new], axis=1)
+    out = []
+    for p, cont in zip(prompts, new.tolist()):
+        if eos_id is not None and eos_id in cont:
+            cont = cont[: cont.index(eos_id) + 1]
+        out.append(p + cont)
+    return out[0] if (not as_array and prompt_tokens and isinstance(prompt_tokens[0], (int, np.integer))) else out

@@ -1,0 +1,79 @@
+"""Causal grouped-query attention: the plain-jnp reference and the dispatch to fast paths.
+
+Layouts: queries ``q_BxTxHxD``, keys and values ``k_BxSxKxD`` with K key/value heads shared by
+H // K query heads each (GQA, Ainslie et al., 2023). Query t of row b sits at key index
+``q_offset[b] + t``: 0 for a plain forward pass, the cache length when decoding, so one mask rule
+(key index <= query index) serves training, prefill and decode.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "cudnn")
+
+
+def attention_mask(t: int, s: int, *, q_offset_B: jax.Array | None = None, causal: bool = True,
+                   q_segment_ids_BxT: jax.Array | None = None, kv_segment_ids_BxS: jax.Array | None = None,
+                   batch: int = 1) -> jax.Array:
+    """Boolean mask [B, T, S]: True where query t may attend to key s."""
+    q_idx_BxT = jnp.arange(t)[None, :] + (jnp.zeros((batch,), jnp.int32) if q_offset_B is None else q_offset_B)[:, None]
+    kv_idx_S = jnp.arange(s)
+    mask_BxTxS = jnp.ones((q_idx_BxT.shape[0], t, s), bool)
+    if causal:
+        mask_BxTxS = kv_idx_S[None, None, :] <= q_idx_BxT[:, :, None]
+    if q_segment_ids_BxT is not None:
+        kv_seg = q_segment_ids_BxT if kv_segment_ids_BxS is None else kv_segment_ids_BxS
+        mask_BxTxS = mask_BxTxS & (q_segment_ids_BxT[:, :, None] == kv_seg[:, None, :])
+    return mask_BxTxS
+
+
+def attention_reference(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
+                        q_offset_B: jax.Array | None = None, causal: bool = True,
+                        segment_ids_BxT: jax.Array | None = None, kv_segment_ids_BxS: jax.Array | None = None,
+                        scale: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale + mask) v, with scores and softmax in float32 (the oracle)."""
+    b, t, h, d = q_BxTxHxD.shape
+    s, kh = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    if h % kh:
+        raise ValueError(f"attention: query heads ({h}) must be a multiple of key/value heads ({kh})")
+    scale = d ** -0.5 if scale is None else scale
+    q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kh, h // kh, d)
+    scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                                  preferred_element_type=jnp.float32) * scale
+    mask_BxTxS = attention_mask(t, s, q_offset_B=q_offset_B, causal=causal, q_segment_ids_BxT=segment_ids_BxT,
+                                kv_segment_ids_BxS=kv_segment_ids_BxS, batch=b)
+    # A finite fill keeps fully masked rows (padding queries) finite instead of NaN.
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
+    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD, preferred_element_type=jnp.float32)
+    return out_BxTxKxGxD.reshape(b, t, h, d).astype(q_BxTxHxD.dtype)
+
+
+def cudnn_applies(q_BxTxHxD: jax.Array, *, q_offset_B: jax.Array | None) -> bool:
+    """Whether cuDNN flash attention can compute this call (GPU, 16-bit, head_dim, no cache offset)."""
+    d = q_BxTxHxD.shape[-1]
+    return (jax.default_backend() == "gpu" and q_BxTxHxD.dtype in (jnp.bfloat16, jnp.float16)
+            and d % 8 == 0 and d <= 256 and q_offset_B is None)
+
+
+def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, impl: str = "auto",
+              q_offset_B: jax.Array | None = None, causal: bool = True,
+              segment_ids_BxT: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+    """Attention through the implementation ``impl`` ('auto' picks cuDNN on GPU when it applies)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
+    use_cudnn = impl == "cudnn" or (impl == "auto" and cudnn_applies(q_BxTxHxD, q_offset_B=q_offset_B))
+    if impl == "cudnn" and not cudnn_applies(q_BxTxHxD, q_offset_B=q_offset_B):
+        raise ValueError("attention: impl='cudnn' needs a GPU, bf16/fp16 inputs, head_dim % 8 == 0 and <= 256, "
+                         "and no KV-cache offset; use impl='auto' to fall back to 'xla'")
+    if not use_cudnn:
+        return attention_reference(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_offset_B=q_offset_B, causal=causal,
+                                   segment_ids_BxT=segment_ids_BxT, scale=scale)
+    mask = None
+    if segment_ids_BxT is not None:
+        mask = attention_mask(q_BxTxHxD.shape[1], k_BxSxKxD.shape[1], causal=causal,
+                              q_segment_ids_BxT=segment_ids_BxT, batch=q_BxTxHxD.shape[0])[:, None]
+    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, scale=scale,
+                                        is_causal=causal, implementation="cudnn")
