@@ -1,0 +1,151 @@
+"""Command line: ``jaxeff train | eval | generate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _maybe_distributed(args) -> None:
+    """Joins JAX's multi-process runtime when asked (one process per host, or several on one)."""
+    if args.coordinator:
+        import jax
+        if args.num_processes is None or args.process_id is None:
+            raise SystemExit("--coordinator needs --num-processes and --process-id")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+
+
+def _load_run(run_dir: str):
+    """(config, model with the latest checkpoint's parameters, tokenizer, step) of a run directory."""
+    from flax import nnx
+
+    from jaxeff.data import load_tokenizer
+    from jaxeff.train.loop import restore_run
+
+    cfg, graphdef, params, step = restore_run(run_dir)
+    return cfg, nnx.merge(graphdef, params), load_tokenizer(os.path.join(run_dir, "tokenizer")), step
+
+
+def cmd_train(args) -> int:
+    from jaxeff.config import get_preset
+    from jaxeff.generate import generate
+    from jaxeff.train import train
+    from flax import nnx
+    import jax
+
+    cfg = get_preset(args.config).override(args.set or [])
+    summary = train(cfg)
+    if jax.process_index() != 0:
+        return 0
+    val, uni = summary.get("val_loss"), summary["unigram_nats"]
+    print(f"\n[result] validation loss {val:.4f} nats/token (ppl {summary['val_ppl']:.2f}, "
+          f"{summary['val_bpb']:.3f} bits/byte) vs unigram baseline {uni:.4f}: "
+          f"{'BELOW' if val < uni else 'NOT below'} the unigram baseline by {uni - val:.3f} nats")
+    mfu = summary.get("mfu")
+    print(f"[result] {summary['tokens_per_s']:,.0f} tokens/s on {summary['n_devices']} x {summary['device']}"
+          + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "") + f"; checkpoint in {cfg.resolved_run_dir}")
+    if cfg.train.sample_tokens and jax.process_count() == 1:
+        tok = summary["tokenizer"]
+        model = nnx.merge(summary["graphdef"], summary["final_params"])
+        prompt = args.prompt
+        n = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(tok.encode(prompt)) - 1)
+        out = generate(model, tok.encode(prompt), n, temperature=0.8, top_k=50, seed=0)
+        print(f"[sample] {tok.decode(out)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import math
+
+    from jaxeff.data import eval_batches, prepare_dataset
+    from jaxeff.train.step import make_eval_step
+    import jax
+    from flax import nnx
+
+    cfg, model, tokenizer, step = _load_run(args.run_dir)
+    ds = prepare_dataset(cfg.data, cfg.train.seq_len, tokenizer_dir=os.path.join(args.run_dir, "tokenizer"))
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(make_eval_step(graphdef, mask_documents=cfg.train.mask_documents))
+    nll = tokens = 0.0
+    n = args.batches or cfg.train.eval_batches
+    for b in eval_batches(ds.val_tokens_NxS, ds.val_segment_ids_NxS, cfg.train.batch_size, n):
+        m = jax.device_get(fn(state.to_pure_dict(), b))
+        nll += float(m["nll_sum"])
+        tokens += float(m["tokens"])
+    loss = nll / max(tokens, 1.0)
+    result = {"run_dir": args.run_dir, "step": step, "val_loss": loss, "val_ppl": math.exp(loss),
+              "val_bpb": loss / math.log(2) / ds.bytes_per_token, "unigram_nats": ds.unigram_entropy_nats,
+              "val_tokens": tokens}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from jaxeff.generate import generate
+
+    if args.gguf:
+        from jaxeff.cli_gguf import generate_from_gguf
+        print(generate_from_gguf(args.gguf, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+        return 0
+    if not args.run_dir:
+        raise SystemExit("jaxeff generate: give a RUN_DIR or --gguf PATH")
+    cfg, model, tokenizer, _ = _load_run(args.run_dir)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        ids = [tokenizer.bos_id]
+    out = generate(model, ids, min(args.max_new_tokens, cfg.model.max_seq_len - len(ids)),
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, eos_id=tokenizer.eos_id)
+    print(tokenizer.decode(out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxeff", description="jaxeff: efficient transformers in JAX")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a preset (resumes from the run directory's latest checkpoint)")
+    t.add_argument("--config", required=True, help="preset name: tiny (CPU), small (one GPU)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field, e.g. --set train.steps=100 --set model.d_model=256")
+    t.add_argument("--prompt", default="ROMEO.\n", help="prompt of the sample printed at the end")
+    for q in (t,):
+        q.add_argument("--coordinator", help="host:port of process 0, for multi-process training")
+        q.add_argument("--num-processes", type=int)
+        q.add_argument("--process-id", type=int)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="validation loss of a run's latest checkpoint")
+    e.add_argument("run_dir")
+    e.add_argument("--batches", type=int, default=0, help="validation batches (default: the run's eval_batches)")
+    e.set_defaults(fn=cmd_eval, coordinator=None)
+
+    g = sub.add_parser("generate", help="sample from a run's latest checkpoint or a GGUF file")
+    g.add_argument("run_dir", nargs="?")
+    g.add_argument("--gguf", help="path of a GGUF model instead of a run directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate, coordinator=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    _maybe_distributed(args)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxeff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

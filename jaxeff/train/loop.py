@@ -1,0 +1,209 @@
+"""The training loop: data -> sharded jitted steps -> validation, checkpoints, logs, a sample."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff.config import Config
+from jaxeff.data import batch_at, eval_batches, prepare_dataset
+from jaxeff.models import Transformer
+from jaxeff.parallel import batch_sharding, make_mesh, state_shardings
+from jaxeff.train.checkpoint import Checkpointer, check_run_config
+from jaxeff.train.flops import device_peak_flops, mfu
+from jaxeff.train.metrics import MetricsLog, progress
+from jaxeff.train.optimizer import make_optimizer
+from jaxeff.train.step import init_state, make_eval_step, make_train_step
+
+log = logging.getLogger("jaxeff.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def build_model_fn(cfg: Config):
+    """The model class for a config; later capabilities (recursive, MoR) register here."""
+    return Transformer
+
+
+def abstract_model(cfg: Config):
+    """graphdef and abstract state of the model, without allocating parameters."""
+    cls = build_model_fn(cfg)
+    return nnx.split(nnx.eval_shape(lambda: cls(cfg.model, rngs=nnx.Rngs(cfg.train.seed))))
+
+
+def init_params(cfg: Config, mesh) -> tuple[Any, Any, Any]:
+    """(graphdef, params, shardings): parameters created directly in their shards."""
+    graphdef, abstract = abstract_model(cfg)
+    shardings = state_shardings(abstract, mesh)
+    cls = build_model_fn(cfg)
+    make = jax.jit(lambda: nnx.state(cls(cfg.model, rngs=nnx.Rngs(cfg.train.seed))).to_pure_dict(),
+                   out_shardings=shardings)
+    return graphdef, make(), shardings
+
+
+def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """Places a global numpy batch on the mesh; each process contributes only its own rows."""
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    n, i = jax.process_count(), jax.process_index()
+    out = {}
+    for k, v in batch.items():
+        rows = v.shape[0] // n
+        out[k] = jax.make_array_from_process_local_data(sharding, v[i * rows:(i + 1) * rows], v.shape)
+    return out
+
+
+def evaluate(eval_fn, params, batches: list[dict], sharding) -> dict[str, float]:
+    nll, tokens = 0.0, 0.0
+    for b in batches:
+        m = jax.device_get(eval_fn(params, to_global(b, sharding)))
+        nll += float(m["nll_sum"])
+        tokens += float(m["tokens"])
+    loss = nll / max(tokens, 1.0)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
+
+
+def train(cfg: Config, *, verbose: bool = True) -> dict:
+    """Trains (or resumes) the run described by ``cfg``; returns a summary dict."""
+    tc = cfg.train
+    run_dir = cfg.resolved_run_dir
+    check_run_config(run_dir, cfg.to_dict())
+    say = print if (verbose and jax.process_index() == 0) else (lambda *a, **k: None)
+
+    ds = prepare_dataset(cfg.data, tc.seq_len, tokenizer_dir=os.path.join(run_dir, "tokenizer"))
+    if ds.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                         f"({ds.tokenizer.vocab_size}); raise model.vocab_size")
+    say(f"[data] {cfg.data.corpus}: {ds.train_tokens_NxS.shape[0]} train / {ds.val_tokens_NxS.shape[0]} val sequences of "
+        f"{tc.seq_len} tokens, tokenizer {cfg.data.tokenizer} ({ds.tokenizer.vocab_size} tokens); "
+        f"unigram baseline {ds.unigram_entropy_nats:.3f} nats/token")
+    if tc.batch_size > ds.train_tokens_NxS.shape[0]:
+        raise ValueError(f"train.batch_size={tc.batch_size} exceeds the {ds.train_tokens_NxS.shape[0]} training "
+                         f"sequences of the corpus; lower it or train.seq_len")
+
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        graphdef, params, param_sh = init_params(cfg, mesh)
+        tx = make_optimizer(tc, params)
+        state = jax.jit(lambda p: init_state(p, tx))(params)
+        state_sh = jax.tree.map(lambda x: x.sharding, state)
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        del params
+        ckpt = Checkpointer(run_dir, keep=tc.keep_ckpts)
+        start = ckpt.latest_step() or 0
+        if start:
+            state = ckpt.restore(start, state)
+            say(f"[resume] step {start} from {ckpt.directory}")
+        batch_sh = batch_sharding(mesh)
+        step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=tc.grad_accum, mask_documents=tc.mask_documents),
+                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+        eval_fn = jax.jit(make_eval_step(graphdef, mask_documents=tc.mask_documents),
+                          in_shardings=(state_sh["params"], batch_sh))
+        val_batches = eval_batches(ds.val_tokens_NxS, ds.val_segment_ids_NxS, tc.batch_size, tc.eval_batches)
+        metrics_log = MetricsLog(run_dir)
+        flops_tok = cfg.model.flops_per_token(tc.seq_len)
+        peak = device_peak_flops()
+        n_dev = mesh.size
+        say(f"[model] {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOP/token, mesh "
+            f"{dict(zip(mesh.axis_names, mesh.devices.shape))} on {n_dev} x {jax.devices()[0].device_kind}")
+
+        tokens_per_step = tc.batch_size * tc.seq_len
+        summary: dict[str, Any] = {"params": n_params, "unigram_nats": ds.unigram_entropy_nats,
+                                   "bytes_per_token": ds.bytes_per_token, "start_step": start}
+        bar = progress(tc.steps, start, cfg.name)
+        t_mark, steps_since = time.perf_counter(), 0
+        compile_s = None
+        rates: list[float] = []
+        for step in range(start, tc.steps):
+            batch = to_global(batch_at(ds.train_tokens_NxS, ds.train_segment_ids_NxS, step, tc.batch_size, tc.seed), batch_sh)
+            state, m = step_fn(state, batch)
+            steps_since += 1
+            if compile_s is None:
+                jax.block_until_ready(m)
+                compile_s = time.perf_counter() - t_mark
+                t_mark, steps_since = time.perf_counter(), 0
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                m = jax.device_get(m)
+                _check_finite(state)
+                now = time.perf_counter()
+                tok_s = tokens_per_step * steps_since / max(now - t_mark, 1e-9) if steps_since else float("nan")
+                if steps_since:
+                    rates.append(tok_s)
+                t_mark, steps_since = now, 0
+                util = mfu(flops_tok, tok_s, n_dev, peak)
+                rec = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                       "lr": float(_lr(tx, tc, done)), "tokens_per_s": tok_s, "mfu": util}
+                rec.update({k: float(np.mean(v)) for k, v in m.items() if k not in rec and k != "objective"
+                            and np.ndim(v) == 0})
+                metrics_log.write(rec)
+                post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{tok_s:,.0f}"}
+                if util is not None:
+                    post["mfu"] = f"{100 * util:.1f}%"
+                bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if done % tc.eval_every == 0 or done == tc.steps:
+                val = evaluate(eval_fn, state["params"], val_batches, batch_sh)
+                val["val_bpb"] = val["val_loss"] / math.log(2) / ds.bytes_per_token
+                metrics_log.write({"step": done, **val})
+                summary.update(val)
+                bar.write(f"[eval] step {done}: val loss {val['val_loss']:.4f} (ppl {val['val_ppl']:.2f}, "
+                          f"{val['val_bpb']:.3f} bits/byte; unigram {ds.unigram_entropy_nats:.4f})") \
+                    if jax.process_index() == 0 and verbose else None
+            if done % tc.ckpt_every == 0 or done == tc.steps:
+                _check_finite(state)
+                ckpt.save(done, state)
+        bar.close()
+        ckpt.close()
+        steady = rates[1:] if len(rates) > 2 else rates
+        tok_s = float(np.median(steady)) if steady else float("nan")
+        summary.update({"steps": tc.steps, "tokens_per_s": tok_s, "compile_s": compile_s,
+                        "mfu": mfu(flops_tok, tok_s, n_dev, peak), "device": jax.devices()[0].device_kind,
+                        "n_devices": n_dev, "final_params": state["params"], "graphdef": graphdef,
+                        "tokenizer": ds.tokenizer})
+    return summary
+
+
+def _lr(tx, tc, step):
+    from jaxeff.train.optimizer import learning_rate_schedule
+    return learning_rate_schedule(tc)(step)
+
+
+def _check_finite(state) -> None:
+    bad = int(jax.device_get(state["nonfinite_step"]))
+    if bad >= 0:
+        raise NonFiniteLossError(f"training stopped: the loss or gradient became non-finite at step {bad}; "
+                                 f"parameters were kept from before it and no checkpoint was written with it. "
+                                 f"Lower train.lr or check the data.")
+
+
+def restore_run(run_dir: str) -> tuple[Config, Any, Any, int]:
+    """(config, graphdef, params, step) of a run directory's latest checkpoint, on one device."""
+    from jaxeff.train.checkpoint import load_run_config
+
+    cfg = Config.from_dict(load_run_config(run_dir))
+    ckpt = Checkpointer(run_dir)
+    step = ckpt.latest_step()
+    if step is None:
+        ckpt.close()
+        raise FileNotFoundError(f"{run_dir}: no checkpoint found under {ckpt.directory}")
+    graphdef, abstract = abstract_model(cfg)
+    params_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract.to_pure_dict())
+    tx = make_optimizer(cfg.train, params_like)
+    like = jax.eval_shape(lambda p: init_state(p, tx), params_like)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), like)
+    state = ckpt.restore(step, like)
+    ckpt.close()
+    return cfg, graphdef, state["params"], step

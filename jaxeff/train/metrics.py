@@ -1,0 +1,34 @@
+"""Run logging: a JSONL file of metrics and a console progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+from tqdm.auto import tqdm
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``<run_dir>/metrics.jsonl`` (process 0 only)."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, str)) else v)
+                 for k, v in record.items()}
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
+        clean["time"] = time.time()
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def progress(total: int, initial: int, desc: str):
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0,
+                mininterval=1.0)

@@ -1,0 +1,102 @@
+"""The functional training step (the Flax NNX performance-guide pattern).
+
+The model lives as ``graphdef`` (static structure) plus a pure dict of parameters; the step is a
+plain ``jax.jit`` function that merges them, computes the loss, and returns a new state with the
+input buffers donated. A step whose loss or gradient is not finite leaves the parameters and
+optimizer untouched and records its step number in ``state['nonfinite_step']``, so no NaN ever
+reaches a checkpoint and the loop can stop with the exact step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxeff.ops import cross_entropy, next_token_mask
+
+AUX_LOSS_PREFIX = "loss/"  # aux entries with this prefix are added to the training objective
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> dict:
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+def _split_batch(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    tokens_BxS, seg_BxS = batch["tokens"], batch["segment_ids"]
+    return tokens_BxS[:, :-1], tokens_BxS[:, 1:], seg_BxS[:, :-1], next_token_mask(seg_BxS)
+
+
+def model_loss(graphdef, params, batch: dict, *, mask_documents: bool, denominator: jax.Array | None = None):
+    """Summed next-token NLL (divided by ``denominator`` when given) plus aux losses, and metrics."""
+    model = nnx.merge(graphdef, params)
+    inputs_BxT, targets_BxT, seg_BxT, mask_BxT = _split_batch(batch)
+    logits_BxTxV, aux = model(inputs_BxT, segment_ids=seg_BxT if mask_documents else None)
+    mean_nll, count = cross_entropy(logits_BxTxV, targets_BxT, mask_BxT)
+    nll_sum = mean_nll * count
+    loss = nll_sum / (count if denominator is None else denominator)
+    for k, v in aux.items():
+        if k.startswith(AUX_LOSS_PREFIX):
+            loss = loss + v
+    return loss, {"nll_sum": nll_sum, "tokens": count, **{k: v for k, v in aux.items()}}
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1,
+                    mask_documents: bool = True) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """Returns ``step(state, batch) -> (state, metrics)`` (not yet jitted)."""
+
+    def step(state: dict, batch: dict):
+        params = state["params"]
+        total_tokens = jnp.maximum(next_token_mask(batch["segment_ids"]).sum().astype(jnp.float32), 1.0)
+        grad_fn = jax.value_and_grad(model_loss, argnums=1, has_aux=True)
+        if grad_accum == 1:
+            (loss, metrics), grads = grad_fn(graphdef, params, batch, mask_documents=mask_documents,
+                                             denominator=total_tokens)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+            def body(carry, mb):
+                (l, m), g = grad_fn(graphdef, params, mb, mask_documents=mask_documents, denominator=total_tokens)
+                acc_g, acc_l, acc_m = carry
+                return (jax.tree.map(jnp.add, acc_g, g), acc_l + l,
+                        jax.tree.map(jnp.add, acc_m, m)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, params)
+            (_, m0_shape) = jax.eval_shape(lambda: grad_fn(graphdef, params, jax.tree.map(lambda x: x[0], micro),
+                                                           mask_documents=mask_documents,
+                                                           denominator=total_tokens))[0]
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0_shape)
+            (grads, loss, metrics), _ = jax.lax.scan(body, (zeros_g, jnp.zeros((), jnp.float32), zeros_m), micro)
+            # Aux losses were added once per micro-batch; report their mean, like the metrics.
+            metrics = {k: (v if k in ("nll_sum", "tokens") else v / grad_accum) for k, v in metrics.items()}
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = {
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "step": state["step"] + 1,
+            "nonfinite_step": jnp.where((state["nonfinite_step"] < 0) & ~ok, state["step"], state["nonfinite_step"]),
+        }
+        out = {"loss": metrics["nll_sum"] / jnp.maximum(metrics["tokens"], 1.0), "objective": loss,
+               "grad_norm": grad_norm, "tokens": metrics["tokens"]}
+        out.update({k: v for k, v in metrics.items() if k not in ("nll_sum", "tokens")})
+        return new_state, out
+
+    return step
+
+
+def make_eval_step(graphdef, *, mask_documents: bool = True) -> Callable[[Any, dict], dict]:
+    """Returns ``eval_step(params, batch) -> {'nll_sum', 'tokens'}`` (not yet jitted)."""
+
+    def eval_step(params, batch):
+        _, metrics = model_loss(graphdef, params, batch, mask_documents=mask_documents)
+        return {"nll_sum": metrics["nll_sum"], "tokens": metrics["tokens"]}
+
+    return eval_step
