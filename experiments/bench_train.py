@@ -1,0 +1,123 @@
+"""Training throughput and MFU of a preset under several variants, on whatever devices are visible.
+
+Synthetic uniform-random tokens (packed as documents of --doc-len tokens) isolate the model's
+speed from the data pipeline. Each variant: compile, --warmup steps, then --steps timed steps;
+tokens/s = tokens / wall time of the timed steps (one block at the end), and the per-step median
+from a second, individually blocked pass. Writes a JSON list of results.
+
+    python experiments/bench_train.py --preset small --variant "train.batch_size=16" \
+        --variant "train.batch_size=16,model.attention_impl=xla" --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxeff.config import get_preset
+from jaxeff.parallel import batch_sharding, make_mesh
+from jaxeff.train.flops import device_peak_flops, mfu
+from jaxeff.train.loop import init_params
+from jaxeff.train.optimizer import make_optimizer
+from jaxeff.train.step import init_state, make_train_step
+
+
+def synthetic_batch(batch: int, seq_len: int, vocab: int, doc_len: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32)
+    seg = (np.arange(seq_len + 1) // doc_len + 1).astype(np.int32)
+    return {"tokens": tokens, "segment_ids": np.broadcast_to(seg, tokens.shape).copy()}
+
+
+def run_variant(preset: str, overrides: list[str], steps: int, warmup: int, doc_len: int) -> dict:
+    cfg = get_preset(preset).override(overrides)
+    tc = cfg.train
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        graphdef, params, _ = init_params(cfg, mesh)
+        tx = make_optimizer(tc, params)
+        state = jax.jit(lambda p: init_state(p, tx))(params)
+        del params
+        state_sh = jax.tree.map(lambda x: x.sharding, state)
+        bsh = batch_sharding(mesh)
+        step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=tc.grad_accum, mask_documents=tc.mask_documents),
+                          in_shardings=(state_sh, bsh), out_shardings=(state_sh, None), donate_argnums=(0,))
+        batches = [{k: jax.device_put(v, bsh) for k, v in
+                    synthetic_batch(tc.batch_size, tc.seq_len, cfg.model.vocab_size, doc_len, s).items()}
+                   for s in range(4)]
+        t0 = time.perf_counter()
+        state, m = step_fn(state, batches[0])
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        for i in range(warmup):
+            state, m = step_fn(state, batches[i % 4])
+        jax.block_until_ready(m)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            state, m = step_fn(state, batches[i % 4])
+        jax.block_until_ready(m)
+        wall = time.perf_counter() - t0
+        per_step = []
+        for i in range(min(steps, 10)):
+            t1 = time.perf_counter()
+            state, m = step_fn(state, batches[i % 4])
+            jax.block_until_ready(m)
+            per_step.append(time.perf_counter() - t1)
+        loss = float(m["loss"])
+    tokens = tc.batch_size * tc.seq_len
+    tok_s = tokens * steps / wall
+    flops_tok = cfg.model.flops_per_token(tc.seq_len)
+    peak = device_peak_flops()
+    mem = jax.devices()[0].memory_stats() or {}
+    return {"preset": preset, "overrides": overrides, "params": cfg.model.param_count(),
+            "flops_per_token": flops_tok, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
+            "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)), "batch": tc.batch_size, "seq_len": tc.seq_len,
+            "compile_s": compile_s, "step_s_mean": wall / steps, "step_s_median": statistics.median(per_step),
+            "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / mesh.size,
+            "mfu": mfu(flops_tok, tok_s, mesh.size, peak), "loss": loss,
+            "peak_bytes": mem.get("peak_bytes_in_use")}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--variant", action="append", default=[], help="comma-separated key=value overrides")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--doc-len", type=int, default=1_000_000, help="tokens per synthetic document")
+    p.add_argument("--out", default="bench_train.json")
+    args = p.parse_args()
+    results = []
+    for v in args.variant or [""]:
+        overrides = [x for x in v.split(",") if x]
+        try:
+            r = run_variant(args.preset, overrides, args.steps, args.warmup, args.doc_len)
+        except Exception as e:  # keep going: one failing variant must not lose the others
+            traceback.print_exc()
+            r = {"preset": args.preset, "overrides": overrides, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    print(f"\n{'variant':60s} {'dev':>3s} {'tok/s':>10s} {'tok/s/dev':>10s} {'MFU':>6s} {'step ms':>8s} {'GB':>5s}")
+    for r in results:
+        if "error" in r:
+            print(f"{','.join(r['overrides'])[:60]:60s} ERROR {r['error'][:80]}")
+            continue
+        u = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        gb = f"{r['peak_bytes'] / 2**30:.1f}" if r.get("peak_bytes") else "-"
+        print(f"{','.join(r['overrides'])[:60]:60s} {r['devices']:3d} {r['tokens_per_s']:10,.0f} "
+              f"{r['tokens_per_s_per_device']:10,.0f} {u:>6s} {1e3 * r['step_s_median']:8.1f} {gb:>5s}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
