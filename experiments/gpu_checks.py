@@ -23,14 +23,14 @@ def main() -> int:
     print(jax.devices(), jax.__version__)
     worst = 0.0
     for seed, (b, t, h, kh, d, segs) in enumerate([(2, 512, 8, 8, 64, False), (2, 1024, 12, 4, 64, True),
-                                                     (1, 2048, 16, 2, 128, True), (3, 384, 6, 3, 128, False)]):
+                                                     (1, 2048, 16, 2, 128, True), (3, 384, 6, 3, 128, False), (2, 512, 4, 2, 64, 40)]):
         ks = jax.random.split(jax.random.key(seed + 100), 4)
         q = jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16)
         k = jax.random.normal(ks[1], (b, t, kh, d), jnp.bfloat16)
         v = jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16)
         seg = None
         if segs:  # random document boundaries per row
-            cuts = jax.random.uniform(ks[3], (b, t)) < 4.0 / t
+            cuts = jax.random.uniform(ks[3], (b, t)) < (4.0 if segs is True else segs) / t
             seg = (jnp.cumsum(cuts, axis=1) + 1).astype(jnp.int32)
 
         def loss(fn, q, k, v):

@@ -265,6 +265,9 @@ class Config:
             if leaf not in target:
                 raise ValueError(f"--set {item!r}: {cls.__name__} has no field {leaf!r}; "
                                  f"fields are {sorted(target)}")
+            if isinstance(target[leaf], dict):
+                raise ValueError(f"--set {item!r}: {leaf!r} is a section, not a field; set one of its fields, "
+                                 f"for example {leaf}.{sorted(target[leaf])[0]}=...")
             target[leaf] = _parse_value(raw, _field_type(cls, leaf), item)
         return Config.from_dict(d)
 
@@ -311,7 +314,7 @@ PRESETS: dict[str, Config] = {
         model=ModelConfig(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=3072,
                           max_seq_len=2048, dtype="bfloat16", param_dtype="float32"),
         data=DataConfig(corpus="shakespeare", tokenizer="bpe", bpe_vocab_size=32768),
-        train=TrainConfig(steps=2000, batch_size=16, seq_len=2048, lr=1e-3, warmup_steps=100, eval_every=500,
+        train=TrainConfig(steps=2000, batch_size=32, seq_len=2048, lr=1e-3, warmup_steps=100, eval_every=500,
                           eval_batches=4, ckpt_every=500, log_every=20),
     ),
 }

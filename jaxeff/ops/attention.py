@@ -71,9 +71,55 @@ def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, 
     if not use_cudnn:
         return attention_reference(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_offset_B=q_offset_B, causal=causal,
                                    segment_ids_BxT=segment_ids_BxT, scale=scale)
-    mask = None
-    if segment_ids_BxT is not None:
-        mask = attention_mask(q_BxTxHxD.shape[1], k_BxSxKxD.shape[1], causal=causal,
-                              q_segment_ids_BxT=segment_ids_BxT, batch=q_BxTxHxD.shape[0])[:, None]
-    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, scale=scale,
-                                        is_causal=causal, implementation="cudnn")
+    if segment_ids_BxT is None:
+        return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, scale=scale, is_causal=causal,
+                                            implementation="cudnn")
+    return _cudnn_packed(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT, causal=causal, scale=scale)
+
+
+MAX_PACKED_SEGMENTS = 16  # documents per row served by cuDNN's packed layout; rows with more use a mask
+
+
+def segment_offsets(segment_ids_BxT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """cuDNN's packed-sequence description of rows of contiguous documents.
+
+    Returns (offsets [B, M+1], lengths [B, M], n_segments [B]): the start index and length of each
+    document (segment ids > 0, constant within a document; 0 is padding), -1 where a row has fewer
+    than M documents.
+    """
+    b, t = segment_ids_BxT.shape
+    seg = segment_ids_BxT
+    prev = jnp.concatenate([jnp.full((b, 1), -1, seg.dtype), seg[:, :-1]], axis=1)
+    is_start_BxT = (seg != prev) & (seg > 0)
+    seg_index_BxT = jnp.cumsum(is_start_BxT, axis=1) - 1  # which document of its row a token is in
+    n_segments_B = is_start_BxT.sum(axis=1)
+    pos_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
+    # Tokens that don't start a document write to the dummy column M (dropped below).
+    col_BxT = jnp.where(is_start_BxT & (seg_index_BxT < max_segments), seg_index_BxT, max_segments)
+    offsets = jnp.full((b, max_segments + 1), -1, jnp.int32).at[jnp.arange(b)[:, None], col_BxT].set(pos_BxT)
+    offsets = offsets.at[:, max_segments].set(-1)
+    in_doc_BxT = (seg > 0) & (seg_index_BxT < max_segments)
+    col_BxT = jnp.where(in_doc_BxT, seg_index_BxT, max_segments)
+    lengths = jnp.zeros((b, max_segments + 1), jnp.int32).at[jnp.arange(b)[:, None], col_BxT].add(1)[:, :max_segments]
+    lengths = jnp.where(jnp.arange(max_segments)[None, :] < n_segments_B[:, None], lengths, -1)
+    return offsets, lengths, n_segments_B
+
+
+def _cudnn_packed(q, k, v, segment_ids_BxT, *, causal: bool, scale: float | None):
+    """Document-masked attention without materialising a [T, S] mask: cuDNN's packed layout when
+    every row holds at most MAX_PACKED_SEGMENTS documents, else cuDNN with a boolean mask."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention as cudnn_attention
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    offsets, lengths, n_segments_B = segment_offsets(segment_ids_BxT, MAX_PACKED_SEGMENTS)
+
+    def packed(q, k, v):
+        return cudnn_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+                               scale=scale, mask_type=MaskType.PADDING_CAUSAL if causal else MaskType.PADDING)
+
+    def masked(q, k, v):
+        mask = attention_mask(q.shape[1], k.shape[1], causal=causal, q_segment_ids_BxT=segment_ids_BxT,
+                              batch=q.shape[0])[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+
+    return jax.lax.cond(jnp.all(n_segments_B <= MAX_PACKED_SEGMENTS), packed, masked, q, k, v)
