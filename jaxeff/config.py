@@ -314,7 +314,7 @@ PRESETS: dict[str, Config] = {
         model=ModelConfig(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=3072,
                           max_seq_len=2048, dtype="bfloat16", param_dtype="float32"),
         data=DataConfig(corpus="shakespeare", tokenizer="bpe", bpe_vocab_size=32768),
-        train=TrainConfig(steps=2000, batch_size=32, seq_len=2048, lr=1e-3, warmup_steps=100, eval_every=500,
+        train=TrainConfig(steps=2000, batch_size=32, seq_len=2048, lr=6e-4, warmup_steps=100, eval_every=500,
                           eval_batches=4, ckpt_every=500, log_every=20),
     ),
 }

@@ -122,4 +122,6 @@ def _cudnn_packed(q, k, v, segment_ids_BxT, *, causal: bool, scale: float | None
                               batch=q.shape[0])[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
 
-    return jax.lax.cond(jnp.all(n_segments_B <= MAX_PACKED_SEGMENTS), packed, masked, q, k, v)
+    out = jax.lax.cond(jnp.all(n_segments_B <= MAX_PACKED_SEGMENTS), packed, masked, q, k, v)
+    # cuDNN leaves padding positions (segment id 0, outside every document) unwritten: zero them.
+    return jnp.where((segment_ids_BxT > 0)[:, :, None, None], out, jnp.zeros((), out.dtype))

@@ -16,9 +16,9 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax
     nll_BxT = logz_BxT - target_logit_BxT
     if mask_BxT is None:
         mask_BxT = jnp.ones_like(nll_BxT, dtype=bool)
-    weight = mask_BxT.astype(jnp.float32)
-    count = weight.sum()
-    return (nll_BxT * weight).sum() / jnp.maximum(count, 1.0), count
+    count = mask_BxT.sum().astype(jnp.float32)
+    # where, not multiply: a masked position's logits may be garbage (even NaN) and must not leak.
+    return jnp.where(mask_BxT, nll_BxT, 0.0).sum() / jnp.maximum(count, 1.0), count
 
 
 def next_token_mask(segment_ids_BxS: jax.Array) -> jax.Array:

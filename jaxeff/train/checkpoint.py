@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"  # where train() saves the tokenizer and the token caches
 
 
 class CheckpointError(RuntimeError):
@@ -56,30 +57,57 @@ class Checkpointer:
         self._manager.close()
 
 
+def _has_checkpoint(run_dir: str) -> bool:
+    """Whether a completed checkpoint step directory (named by its step number) exists."""
+    directory = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _write_config(run_dir: str, config_dict: dict) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        path = os.path.join(run_dir, CONFIG_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(config_dict, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+
 def check_run_config(run_dir: str, config_dict: dict, *, sections: tuple[str, ...] = ("model", "data")) -> None:
     """Writes the run's config on first use; on resume, refuses a config whose ``sections``
-    differ from the one the checkpoints were written with."""
+    differ from the one the checkpoints were written with.
+
+    A run that stopped before its first checkpoint (a bad setting, a missing corpus) has nothing
+    to resume, so its saved config is replaced, unless the data settings changed and a tokenizer
+    built from the old ones was already saved in ``<run_dir>/tokenizer`` (it would be reused)."""
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
-        if jax.process_index() == 0:
-            os.makedirs(run_dir, exist_ok=True)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(config_dict, f, indent=2, sort_keys=True)
-            os.replace(tmp, path)
+        _write_config(run_dir, config_dict)
         return
     try:
         with open(path) as f:
             saved = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is unreadable ({e}); the run directory looks corrupted") from e
+    diffs: dict[str, dict] = {}
     for section in sections:
         old, new = saved.get(section, {}), config_dict.get(section, {})
         diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
         if diff:
-            detail = ", ".join(f"{section}.{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise CheckpointError(f"run directory {run_dir} holds checkpoints of a different configuration "
-                                  f"({detail}); use a new run directory (--set run_dir=...) or the saved settings")
+            diffs[section] = diff
+    if not diffs:
+        return
+    detail = ", ".join(f"{section}.{k}: saved {a!r} vs now {b!r}"
+                       for section, diff in diffs.items() for k, (a, b) in diff.items())
+    if _has_checkpoint(run_dir):
+        held = "checkpoints"
+    elif "data" in diffs and os.path.isdir(os.path.join(run_dir, TOKENIZER_DIR)):
+        held = "a tokenizer"
+    else:
+        _write_config(run_dir, config_dict)
+        return
+    raise CheckpointError(f"run directory {run_dir} holds {held} of a different configuration "
+                          f"({detail}); use a new run directory (--set run_dir=...) or the saved settings")
 
 
 def load_run_config(run_dir: str) -> dict:
