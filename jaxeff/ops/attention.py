@@ -83,26 +83,23 @@ MAX_PACKED_SEGMENTS = 16  # documents per row served by cuDNN's packed layout; r
 def segment_offsets(segment_ids_BxT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """cuDNN's packed-sequence description of rows of contiguous documents.
 
-    Returns (offsets [B, M+1], lengths [B, M], n_segments [B]): the start index and length of each
-    document (segment ids > 0, constant within a document; 0 is padding), -1 where a row has fewer
-    than M documents.
+    Every maximal run of equal segment ids is one sequence, padding (id 0) included, so cuDNN
+    writes every output position and its backward pass never reads unwritten memory. Returns
+    (offsets [B, M+1], lengths [B, M], n_segments [B]), -1 where a row has fewer than M runs.
+    Built from comparisons and reductions only (no scatter), so it shards over the batch.
     """
     b, t = segment_ids_BxT.shape
     seg = segment_ids_BxT
-    prev = jnp.concatenate([jnp.full((b, 1), -1, seg.dtype), seg[:, :-1]], axis=1)
-    is_start_BxT = (seg != prev) & (seg > 0)
-    seg_index_BxT = jnp.cumsum(is_start_BxT, axis=1) - 1  # which document of its row a token is in
-    n_segments_B = is_start_BxT.sum(axis=1)
-    pos_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    # Tokens that don't start a document write to the dummy column M (dropped below).
-    col_BxT = jnp.where(is_start_BxT & (seg_index_BxT < max_segments), seg_index_BxT, max_segments)
-    offsets = jnp.full((b, max_segments + 1), -1, jnp.int32).at[jnp.arange(b)[:, None], col_BxT].set(pos_BxT)
-    offsets = offsets.at[:, max_segments].set(-1)
-    in_doc_BxT = (seg > 0) & (seg_index_BxT < max_segments)
-    col_BxT = jnp.where(in_doc_BxT, seg_index_BxT, max_segments)
-    lengths = jnp.zeros((b, max_segments + 1), jnp.int32).at[jnp.arange(b)[:, None], col_BxT].add(1)[:, :max_segments]
-    lengths = jnp.where(jnp.arange(max_segments)[None, :] < n_segments_B[:, None], lengths, -1)
-    return offsets, lengths, n_segments_B
+    prev = jnp.concatenate([seg[:, :1] - 1, seg[:, :-1]], axis=1)
+    is_start_BxT = seg != prev
+    run_BxT = jnp.cumsum(is_start_BxT, axis=1) - 1  # index of the run each token is in
+    n_segments_B = run_BxT[:, -1] + 1
+    in_run_BxMxT = run_BxT[:, None, :] == jnp.arange(max_segments)[None, :, None]
+    present_BxM = jnp.arange(max_segments)[None, :] < n_segments_B[:, None]
+    starts_BxM = jnp.where(present_BxM, jnp.argmax(in_run_BxMxT, axis=-1), -1).astype(jnp.int32)
+    lengths_BxM = jnp.where(present_BxM, in_run_BxMxT.sum(-1), -1).astype(jnp.int32)
+    offsets = jnp.concatenate([starts_BxM, jnp.full((b, 1), -1, jnp.int32)], axis=1)
+    return offsets, lengths_BxM, n_segments_B
 
 
 def _cudnn_packed(q, k, v, segment_ids_BxT, *, causal: bool, scale: float | None):
@@ -122,6 +119,4 @@ def _cudnn_packed(q, k, v, segment_ids_BxT, *, causal: bool, scale: float | None
                               batch=q.shape[0])[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
 
-    out = jax.lax.cond(jnp.all(n_segments_B <= MAX_PACKED_SEGMENTS), packed, masked, q, k, v)
-    # cuDNN leaves padding positions (segment id 0, outside every document) unwritten: zero them.
-    return jnp.where((segment_ids_BxT > 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return jax.lax.cond(jnp.all(n_segments_B <= MAX_PACKED_SEGMENTS), packed, masked, q, k, v)
