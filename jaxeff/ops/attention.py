@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("auto", "xla", "cudnn")
 
@@ -71,10 +72,39 @@ def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, 
     if not use_cudnn:
         return attention_reference(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_offset_B=q_offset_B, causal=causal,
                                    segment_ids_BxT=segment_ids_BxT, scale=scale)
+    def local(q, k, v, seg):
+        if seg is None:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation="cudnn")
+        return _cudnn_packed(q, k, v, seg, causal=causal, scale=scale)
+
+    return per_device(local, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT)
+
+
+def per_device(fn, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT=None):
+    """Runs ``fn(q, k, v, segment_ids)`` on each device's own batch rows (and heads, under tensor
+    parallelism) with ``jax.shard_map`` when a mesh is set. Attention is independent per row and
+    head, so this is exact, and it keeps XLA's partitioner away from cuDNN's custom call, whose
+    packed-sequence arguments it cannot split (jax 0.11.2)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return fn(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+    n_batch = 1
+    for a in batch_axes:
+        n_batch *= sizes[a]
+    if q_BxTxHxD.shape[0] % n_batch:
+        batch_axes = ()
+    tp = sizes.get("tensor", 1)
+    head_axis = "tensor" if tp > 1 and q_BxTxHxD.shape[2] % tp == 0 and k_BxSxKxD.shape[2] % tp == 0 else None
+    b_spec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
+    x_spec = P(b_spec, None, head_axis, None)
+    seg_spec = P(b_spec, None)
     if segment_ids_BxT is None:
-        return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, scale=scale, is_causal=causal,
-                                            implementation="cudnn")
-    return _cudnn_packed(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT, causal=causal, scale=scale)
+        return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(x_spec,) * 3,
+                             out_specs=x_spec, check_vma=False)(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec,) * 3 + (seg_spec,), out_specs=x_spec,
+                         check_vma=False)(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT)
 
 
 MAX_PACKED_SEGMENTS = 16  # documents per row served by cuDNN's packed layout; rows with more use a mask
