@@ -11,7 +11,7 @@ import sys
 
 def _maybe_distributed(args) -> None:
     """Joins JAX's multi-process runtime when asked (one process per host, or several on one)."""
-    if args.coordinator:
+    if getattr(args, "coordinator", None):
         import jax
         if args.num_processes is None or args.process_id is None:
             raise SystemExit("--coordinator needs --num-processes and --process-id")
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batches", type=int, default=0, help="validation batches (default: the run's eval_batches)")
     e.set_defaults(fn=cmd_eval, coordinator=None)
 
-    g = sub.add_parser("generate", help="sample from a run's latest checkpoint or a GGUF file")
+    g = sub.add_parser("generate", help="sample from a run's latest checkpoint or a GGUF file (--gguf)")
     g.add_argument("run_dir", nargs="?")
     g.add_argument("--gguf", help="path of a GGUF model instead of a run directory")
     g.add_argument("--prompt", required=True)
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate, coordinator=None)
+
+    from jaxeff.cli_gguf import register_gguf_commands
+    register_gguf_commands(sub)  # gguf-generate, gguf-perplexity
     return p
 
 
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _maybe_distributed(args)
     try:
-        return args.fn(args)
+        return (getattr(args, "fn", None) or args.func)(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"jaxeff {args.command}: error: {e}", file=sys.stderr)
         return 2

