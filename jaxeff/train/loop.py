@@ -166,6 +166,9 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
                 ckpt.save(done, state)
         bar.close()
         ckpt.close()
+        if "val_loss" not in summary:  # resumed a finished run: report its validation loss anyway
+            summary.update(evaluate(eval_fn, state["params"], val_batches, batch_sh))
+            summary["val_bpb"] = summary["val_loss"] / math.log(2) / ds.bytes_per_token
         steady = rates[1:] if len(rates) > 2 else rates
         tok_s = float(np.median(steady)) if steady else float("nan")
         summary.update({"steps": tc.steps, "tokens_per_s": tok_s, "compile_s": compile_s,
