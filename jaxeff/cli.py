@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     _maybe_distributed(args)
     try:
         return (getattr(args, "fn", None) or args.func)(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+        # CheckpointError is a RuntimeError, NonFiniteLossError a FloatingPointError: both carry
+        # a message written for the user, so print it rather than a traceback.
         print(f"jaxeff {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -299,7 +299,7 @@ def _parse_value(raw: str, typ: Any, item: str) -> Any:
 
 
 PRESETS: dict[str, Config] = {
-    # CPU, 2 cores, a few minutes: ~3.3M parameters on Shakespeare with a 2k BPE vocabulary.
+    # CPU, 2 cores, a few minutes: ~2.0M parameters on Shakespeare with a 2k BPE vocabulary.
     "tiny": Config(
         name="tiny",
         model=ModelConfig(vocab_size=2048, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512,

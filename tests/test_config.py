@@ -1,0 +1,160 @@
+"""Configs: every validation error names its field; presets; --set overrides; serialisation."""
+
+import dataclasses
+import json
+
+import jax
+import pytest
+from flax import nnx
+
+from jaxeff import Transformer
+from jaxeff.config import PRESETS, Config, DataConfig, MeshConfig, ModelConfig, TrainConfig, get_preset
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: ModelConfig(n_heads=4, n_kv_heads=3), "ModelConfig.n_kv_heads"),
+    (lambda: ModelConfig(n_heads=8, n_kv_heads=16), "ModelConfig.n_kv_heads"),
+    (lambda: ModelConfig(d_model=30, n_heads=2, n_kv_heads=2), "ModelConfig.head_dim"),  # 15 is odd
+    (lambda: ModelConfig(head_dim=7), "ModelConfig.head_dim"),
+    (lambda: ModelConfig(head_dim=-2), "ModelConfig.head_dim"),
+    (lambda: ModelConfig(d_model=100, n_heads=3, n_kv_heads=3), "ModelConfig.n_heads"),
+    (lambda: ModelConfig(d_model=0), "ModelConfig.d_model"),
+    (lambda: ModelConfig(vocab_size=64.0), "ModelConfig.vocab_size"),
+    (lambda: ModelConfig(n_layers=True), "ModelConfig.n_layers"),
+    (lambda: ModelConfig(rope_style="neox"), "ModelConfig.rope_style"),
+    (lambda: ModelConfig(rope_base=1.0), "ModelConfig.rope_base"),
+    (lambda: ModelConfig(dtype="float64"), "ModelConfig.dtype"),
+    (lambda: ModelConfig(attention_impl="flash"), "ModelConfig.attention_impl"),
+    (lambda: ModelConfig(norm_eps=0.0), "ModelConfig.norm_eps"),
+    (lambda: TrainConfig(lr=-1e-3), "TrainConfig.lr"),
+    (lambda: TrainConfig(lr=0.0), "TrainConfig.lr"),
+    (lambda: TrainConfig(steps=10, warmup_steps=10), "TrainConfig.warmup_steps"),
+    (lambda: TrainConfig(steps=10, warmup_steps=-1), "TrainConfig.warmup_steps"),
+    (lambda: TrainConfig(batch_size=6, grad_accum=4), "TrainConfig.grad_accum"),
+    (lambda: TrainConfig(min_lr_ratio=1.5), "TrainConfig.min_lr_ratio"),
+    (lambda: TrainConfig(schedule="linear"), "TrainConfig.schedule"),
+    (lambda: TrainConfig(b2=1.0), "TrainConfig.b2"),
+    (lambda: TrainConfig(wsd_decay_fraction=0.0), "TrainConfig.wsd_decay_fraction"),
+    (lambda: TrainConfig(keep_ckpts=0), "TrainConfig.keep_ckpts"),
+    (lambda: DataConfig(tokenizer="word"), "DataConfig.tokenizer"),
+    (lambda: DataConfig(bpe_vocab_size=100), "DataConfig.bpe_vocab_size"),
+    (lambda: DataConfig(val_fraction=1.0), "DataConfig.val_fraction"),
+    (lambda: DataConfig(corpus=""), "DataConfig.corpus"),
+    (lambda: MeshConfig(data=-1, fsdp=-1), "MeshConfig."),
+    (lambda: MeshConfig(tensor=0), "MeshConfig.tensor"),
+    (lambda: MeshConfig(fsdp=-2), "MeshConfig.fsdp"),
+    (lambda: Config(model=ModelConfig(max_seq_len=128), train=TrainConfig(seq_len=256)), "train.seq_len"),
+])
+def test_validation_errors_name_the_field(make, field):
+    with pytest.raises(ValueError) as info:
+        make()
+    assert field in str(info.value)
+
+
+def test_mesh_two_wildcards_message():
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        MeshConfig(data=2, fsdp=-1, tensor=-1)
+
+
+def test_mesh_resolve():
+    assert MeshConfig().resolve(8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert MeshConfig(data=2, fsdp=-1, tensor=2).resolve(8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert MeshConfig(data=2, fsdp=4, tensor=1).resolve(8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(ValueError, match="do not divide the 8 available devices"):
+        MeshConfig(data=3).resolve(8)
+    with pytest.raises(ValueError, match="use 4 devices but 8 are available"):
+        MeshConfig(data=2, fsdp=2).resolve(8)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match=r"'nope'.*unknown preset.*available: \['small', 'tiny'\]"):
+        get_preset("nope")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_construct_and_count_parameters(name):
+    cfg = get_preset(name)
+    assert isinstance(cfg, Config) and cfg.name == name
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    # param_count agrees with the model the preset builds (shapes only, nothing allocated).
+    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert n == cfg.model.param_count()
+    assert cfg.resolved_run_dir == f"runs/{name}"
+
+
+def test_small_preset_is_about_138m_parameters():
+    assert 130e6 < get_preset("small").model.param_count() < 145e6
+
+
+@pytest.mark.parametrize("item, match", [
+    ("train.stepz=3", r"TrainConfig has no field 'stepz'"),
+    ("model.depth=3", r"ModelConfig has no field 'depth'"),
+    ("optim.lr=0.1", r"unknown section 'optim'"),
+    ("train.lr.x=0.1", r"unknown section 'lr'"),
+    ("train.steps=abc", r"cannot read 'abc' as int"),
+    ("train.steps=2.5", r"cannot read '2.5' as int"),
+    ("train.lr=fast", r"cannot read 'fast' as float"),
+    ("model.tie_embeddings=maybe", r"cannot read 'maybe' as bool"),
+    ("train.steps", r"expected key=value"),
+    ("model=3", r"'model' is a section, not a field"),
+    ("model.rope_style=neox", r"ModelConfig.rope_style"),
+    ("train.steps=0", r"TrainConfig.steps"),
+])
+def test_override_errors(item, match):
+    with pytest.raises(ValueError, match=match):
+        get_preset("tiny").override([item])
+
+
+def test_override_round_trip():
+    base = get_preset("tiny")
+    cfg = base.override(["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "train.lr=1e-2",
+                         "model.tie_embeddings=false", "data.corpus=a.txt,b/*.md", "mesh.data=2",
+                         "mesh.fsdp=-1", "train.steps=3", "train.warmup_steps=1", "name=exp",
+                         "run_dir=/tmp/x", "model.rope_base=500", "train.mask_documents=0"])
+    assert cfg.model.d_model == 64 and cfg.model.n_heads == 4 and cfg.model.n_kv_heads == 2
+    assert cfg.train.lr == 0.01 and isinstance(cfg.train.lr, float)
+    assert cfg.model.tie_embeddings is False and cfg.train.mask_documents is False
+    assert cfg.model.rope_base == 500.0 and isinstance(cfg.model.rope_base, float)
+    assert cfg.data.corpus == "a.txt,b/*.md"
+    assert cfg.mesh == MeshConfig(data=2, fsdp=-1, tensor=1)
+    assert cfg.train.steps == 3 and cfg.train.warmup_steps == 1
+    assert cfg.name == "exp" and cfg.resolved_run_dir == "/tmp/x"
+    # Everything not set keeps the preset's value; the preset itself is untouched.
+    assert cfg.model.vocab_size == base.model.vocab_size and cfg.train.batch_size == base.train.batch_size
+    assert base.model.d_model == 192 and base.train.steps == 600
+    # Overrides are validated together: steps=3 alone would clash with the preset's warmup of 50.
+    with pytest.raises(ValueError, match="warmup_steps"):
+        base.override(["train.steps=3"])
+    # Spaces around key and value are tolerated; the last assignment wins.
+    assert base.override([" train.steps = 700 ", "train.steps=800"]).train.steps == 800
+    assert base.override([]) == base
+
+
+def test_to_dict_from_dict_and_json():
+    cfg = get_preset("tiny").override(["model.tie_embeddings=false", "train.schedule=wsd"])
+    d = cfg.to_dict()
+    assert d["model"]["tie_embeddings"] is False and d["train"]["schedule"] == "wsd"
+    assert set(d) == {"name", "model", "data", "train", "mesh", "run_dir"}
+    assert Config.from_dict(d) == cfg
+    assert Config.from_dict(json.loads(cfg.to_json())) == cfg
+    # Missing sections take their defaults.
+    assert Config.from_dict({"name": "x"}) == Config(name="x")
+    # A bad value inside a dict is caught by the same validation.
+    d["model"]["n_kv_heads"] = 5
+    with pytest.raises(ValueError, match="ModelConfig.n_kv_heads"):
+        Config.from_dict(d)
+
+
+def test_configs_are_frozen():
+    cfg = get_preset("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.d_model = 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train = TrainConfig()
+
+
+def test_flops_per_token_formula():
+    m = ModelConfig(vocab_size=100, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32)
+    matmul = 2 * (16 * 8 * (2 * 2 + 2 * 1) + 3 * 16 * 32) + 16 * 100
+    assert m.flops_per_token(64) == 6 * matmul + 12 * 2 * 2 * 8 * 64
