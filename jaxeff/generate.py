@@ -51,12 +51,14 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
     first end-of-sequence token (list forms only).
     """
     as_array = isinstance(prompt_tokens, (np.ndarray, jax.Array))
+    single = (not as_array and bool(prompt_tokens)
+              and all(isinstance(t, (int, np.integer)) for t in prompt_tokens))
     if as_array:
         arr = np.asarray(prompt_tokens)
         if arr.ndim != 2:
             raise ValueError(f"generate: prompt_tokens array must be [batch, length], got shape {arr.shape}")
         prompts = [list(map(int, row)) for row in arr]
-    elif prompt_tokens and all(isinstance(t, (int, np.integer)) for t in prompt_tokens):
+    elif single:
         prompts = [list(map(int, prompt_tokens))]
     else:
         prompts = [list(map(int, p)) for p in prompt_tokens]
@@ -93,4 +95,4 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
         if eos_id is not None and eos_id in cont:
             cont = cont[: cont.index(eos_id) + 1]
         out.append(p + cont)
-    return out[0] if (not as_array and prompt_tokens and isinstance(prompt_tokens[0], (int, np.integer))) else out
+    return out[0] if single else out

@@ -21,7 +21,7 @@ from jaxeff.parallel import batch_sharding, make_mesh, state_shardings
 from jaxeff.train.checkpoint import Checkpointer, check_run_config
 from jaxeff.train.flops import device_peak_flops, mfu
 from jaxeff.train.metrics import MetricsLog, progress
-from jaxeff.train.optimizer import make_optimizer
+from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.step import init_state, make_eval_step, make_train_step
 
 log = logging.getLogger("jaxeff.train")
@@ -96,6 +96,7 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
     with jax.set_mesh(mesh):
         graphdef, params, param_sh = init_params(cfg, mesh)
         tx = make_optimizer(tc, params)
+        schedule = learning_rate_schedule(tc)
         state = jax.jit(lambda p: init_state(p, tx))(params)
         state_sh = jax.tree.map(lambda x: x.sharding, state)
         n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -144,7 +145,7 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
                 t_mark, steps_since = now, 0
                 util = mfu(flops_tok, tok_s, n_dev, peak)
                 rec = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                       "lr": float(_lr(tx, tc, done)), "tokens_per_s": tok_s, "mfu": util}
+                       "lr": float(schedule(done)), "tokens_per_s": tok_s, "mfu": util}
                 rec.update({k: float(np.mean(v)) for k, v in m.items() if k not in rec and k != "objective"
                             and np.ndim(v) == 0})
                 metrics_log.write(rec)
@@ -176,11 +177,6 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
                         "n_devices": n_dev, "final_params": state["params"], "graphdef": graphdef,
                         "tokenizer": ds.tokenizer})
     return summary
-
-
-def _lr(tx, tc, step):
-    from jaxeff.train.optimizer import learning_rate_schedule
-    return learning_rate_schedule(tc)(step)
 
 
 def _check_finite(state) -> None:
