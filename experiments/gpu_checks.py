@@ -57,7 +57,9 @@ def main() -> int:
         f = jax.jit(lambda q, s: attention(q, q, q, impl="cudnn", segment_ids_BxT=s))
         one = f(q, seg)
         sh = NamedSharding(mesh, P("data"))
-        many = f(jax.device_put(q, sh), jax.device_put(seg, sh))
+        with jax.set_mesh(mesh):  # as in training: attention sees the mesh and runs cuDNN per device
+            many = jax.jit(lambda q, s: attention(q, q, q, impl="cudnn", segment_ids_BxT=s))(
+                jax.device_put(q, sh), jax.device_put(seg, sh))
         e = rel(many, one)
         worst = max(worst, e)
         print(f"cudnn packed attention sharded over {n} devices vs one device: {e:.2e}")

@@ -126,9 +126,13 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
         t_mark, steps_since = time.perf_counter(), 0
         compile_s = None
         rates: list[float] = []
+        put = lambda i: to_global(batch_at(ds.train_tokens_NxS, ds.train_segment_ids_NxS, i, tc.batch_size, tc.seed),
+                                  batch_sh)
+        next_batch = put(start) if start < tc.steps else None
         for step in range(start, tc.steps):
-            batch = to_global(batch_at(ds.train_tokens_NxS, ds.train_segment_ids_NxS, step, tc.batch_size, tc.seed), batch_sh)
-            state, m = step_fn(state, batch)
+            state, m = step_fn(state, next_batch)
+            # The next batch goes to the devices while this step runs (dispatch is asynchronous).
+            next_batch = put(step + 1) if step + 1 < tc.steps else None
             steps_since += 1
             if compile_s is None:
                 jax.block_until_ready(m)
