@@ -25,7 +25,7 @@ import numpy as np
 from jaxeff.config import get_preset
 from jaxeff.parallel import batch_sharding, make_mesh
 from jaxeff.train.flops import device_peak_flops, mfu
-from jaxeff.train.loop import init_params
+from jaxeff.train.loop import init_params, model_flops_per_token
 from jaxeff.train.optimizer import make_optimizer
 from jaxeff.train.step import init_state, make_train_step
 
@@ -74,7 +74,7 @@ def run_variant(preset: str, overrides: list[str], steps: int, warmup: int, doc_
         loss = float(m["loss"])
     tokens = tc.batch_size * tc.seq_len
     tok_s = tokens * steps / wall
-    flops_tok = cfg.model.flops_per_token(tc.seq_len)
+    flops_tok = model_flops_per_token(cfg)
     peak = device_peak_flops()
     mem = jax.devices()[0].memory_stats() or {}
     return {"preset": preset, "overrides": overrides, "params": cfg.model.param_count(),

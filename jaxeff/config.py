@@ -180,6 +180,101 @@ class TrainConfig:
             _fail("TrainConfig", "sample_tokens", f"must be >= 0, got {self.sample_tokens}")
 
 
+SHARING_STRATEGIES = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
+ROUTINGS = ("none", "expert", "token")
+ROUTER_FUNCS = ("sigmoid", "tanh", "softmax")
+KV_STRATEGIES = ("recursion", "share")
+
+
+@dataclass(frozen=True)
+class RecursionConfig:
+    """Parameter sharing across depth and Mixture-of-Recursions routing (Bae et al., 2025,
+    arXiv 2507.10524; Relaxed Recursive Transformers, Bae et al., 2024, arXiv 2410.20672).
+
+    ``strategy='none'`` is the dense model. Otherwise the ``model.n_layers`` unrolled layers reuse
+    a stack of shared blocks ``n_recursions`` times: ``cycle`` (layer l uses block l mod U),
+    ``sequence`` (block l // n_recursions), and the ``middle_`` variants, which keep the first and
+    last layers unique and share the middle L - 2. ``routing`` picks per-token depth: ``expert``
+    (one router per recursion step, top-k with hierarchical filtering) or ``token`` (one router
+    over the depths).
+    """
+
+    strategy: Literal["none", "cycle", "sequence", "middle_cycle", "middle_sequence"] = "none"
+    n_recursions: int = 1
+    lora_rank: int = 0  # per-recursion LoRA on the shared projections (0: off)
+    routing: Literal["none", "expert", "token"] = "none"
+    capacities: str = ""  # expert-choice, comma-separated per step; empty: (N_r - r + 1) / N_r
+    capacity_warmup_steps: int = 0  # reserved: cosine warm-up from 1.0 (not yet wired into training)
+    router_func: Literal["sigmoid", "tanh", "softmax"] = "sigmoid"
+    router_alpha: float = 0.1
+    aux_router: bool = False  # expert-choice: a separate router on stop-gradient inputs decides at inference
+    aux_loss_coef: float = 1e-3  # BCE of router logits against the top-k choice (0: off)
+    balance: Literal["loss", "loss_free"] = "loss"  # token-choice balancing
+    balance_coef: float = 0.1
+    bias_update_rate: float = 1e-3  # token-choice loss-free bias step
+    z_loss_coef: float = 0.0
+    kv_strategy: Literal["recursion", "share"] = "recursion"
+
+    def __post_init__(self):
+        _choice(self, "strategy", SHARING_STRATEGIES)
+        _choice(self, "routing", ROUTINGS)
+        _choice(self, "router_func", ROUTER_FUNCS)
+        _choice(self, "kv_strategy", KV_STRATEGIES)
+        _choice(self, "balance", ("loss", "loss_free"))
+        _positive(self, "n_recursions")
+        for name in ("lora_rank", "capacity_warmup_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                _fail("RecursionConfig", name, f"must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("aux_loss_coef", "balance_coef", "bias_update_rate", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                _fail("RecursionConfig", name, f"must be >= 0, got {getattr(self, name)}")
+        if self.router_alpha <= 0:
+            _fail("RecursionConfig", "router_alpha", f"must be > 0, got {self.router_alpha}")
+        if self.strategy == "none":
+            if self.routing != "none" or self.n_recursions != 1 or self.lora_rank:
+                _fail("RecursionConfig", "strategy", "is 'none' (dense model) but n_recursions, lora_rank or "
+                      "routing is set; choose a sharing strategy such as 'middle_cycle'")
+        if self.routing != "none" and self.strategy not in ("cycle", "middle_cycle"):
+            _fail("RecursionConfig", "routing", f"{self.routing!r} routes whole passes over the shared stack, which "
+                  f"needs strategy 'cycle' or 'middle_cycle', got {self.strategy!r}")
+        if self.routing == "token" and self.n_recursions < 2:
+            _fail("RecursionConfig", "n_recursions", "token-choice routing needs at least 2 depths to choose from")
+        self.resolved_capacities  # validates the capacity schedule
+
+    @property
+    def resolved_capacities(self) -> tuple[float, ...]:
+        """Per-step capacity c_r (fraction of the sequence selected at step r)."""
+        n = self.n_recursions
+        if not self.capacities.strip():
+            return tuple((n - r) / n for r in range(n))
+        try:
+            caps = tuple(float(c) for c in self.capacities.split(","))
+        except ValueError:
+            _fail("RecursionConfig", "capacities", f"must be comma-separated numbers, got {self.capacities!r}")
+        if len(caps) != n:
+            _fail("RecursionConfig", "capacities", f"needs one value per recursion step ({n}), got {len(caps)}")
+        if any(not 0.0 < c <= 1.0 for c in caps):
+            _fail("RecursionConfig", "capacities", f"every value must be in (0, 1], got {caps}")
+        if any(b > a for a, b in zip(caps, caps[1:])):
+            _fail("RecursionConfig", "capacities", f"must be descending (non-increasing) over the steps, got {caps}")
+        return caps
+
+    def check_depth(self, n_layers: int) -> None:
+        """Raises unless ``n_recursions`` divides the shared depth of an ``n_layers`` model."""
+        if self.strategy == "none":
+            return
+        middle = self.strategy.startswith("middle_")
+        shared = n_layers - 2 if middle else n_layers
+        if shared < self.n_recursions or shared % self.n_recursions:
+            what = f"the middle depth n_layers - 2 = {shared}" if middle else f"n_layers = {shared}"
+            _fail("RecursionConfig", "n_recursions", f"must divide {what} (strategy {self.strategy!r}), "
+                  f"got {self.n_recursions}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.strategy != "none"
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh shape. -1 on one axis means 'all remaining devices'."""
@@ -220,9 +315,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    recursion: RecursionConfig = field(default_factory=RecursionConfig)
     run_dir: str = ""  # empty: runs/<name>
 
     def __post_init__(self):
+        self.recursion.check_depth(self.model.n_layers)
         if self.train.seq_len > self.model.max_seq_len:
             _fail("Config", "train.seq_len", f"{self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 
@@ -244,6 +341,7 @@ class Config:
             data=DataConfig(**d.get("data", {})),
             train=TrainConfig(**d.get("train", {})),
             mesh=MeshConfig(**d.get("mesh", {})),
+            recursion=RecursionConfig(**d.get("recursion", {})),
             run_dir=d.get("run_dir", ""),
         )
 
@@ -258,7 +356,8 @@ class Config:
             target, cls = d, Config
             for p in parts[:-1]:
                 if p not in target or not isinstance(target[p], dict):
-                    raise ValueError(f"--set {item!r}: unknown section {p!r}; sections are model, data, train, mesh")
+                    raise ValueError(f"--set {item!r}: unknown section {p!r}; sections are model, data, train, mesh, "
+                                     f"recursion")
                 target = target[p]
                 cls = _section_class(p)
             leaf = parts[-1]
@@ -273,7 +372,8 @@ class Config:
 
 
 def _section_class(name: str) -> type:
-    return {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}[name]
+    return {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig,
+            "recursion": RecursionConfig}[name]
 
 
 def _field_type(cls: type, name: str) -> Any:

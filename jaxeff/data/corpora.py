@@ -169,11 +169,17 @@ def load_files(spec: str) -> list[Document]:
 
 
 def load_corpus(spec: str) -> list[Document]:
-    """``'shakespeare'``, ``'kjv'``, or comma-separated file paths / globs (see ``load_files``)."""
+    """``'shakespeare'``, ``'kjv'``, or comma-separated file paths / globs (see ``load_files``);
+    ``'+'`` joins several of these into one corpus, e.g. ``'shakespeare+kjv'``."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"load_corpus: spec must be a non-empty string, got {spec!r}")
     name = spec.strip()
-    if name == "shakespeare":
+    if "+" in name:
+        parts = [p.strip() for p in name.split("+")]
+        if not all(parts):
+            raise ValueError(f"load_corpus: {spec!r} has an empty part around '+'")
+        docs = [d for part in parts for d in load_corpus(part)]
+    elif name == "shakespeare":
         docs = load_shakespeare()
     elif name == "kjv":
         docs = load_kjv()

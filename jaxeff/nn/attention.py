@@ -25,21 +25,26 @@ class Attention(nnx.Module):
                         dtype=param_dtype)
         self.rope_base, self.rope_style, self.impl, self.dtype = rope_base, rope_style, impl, dtype
 
-    def qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array):
+    def weight(self, name: str, lora: dict | None = None) -> jax.Array:
+        """A projection in the compute dtype, plus its LoRA delta when one is given."""
+        w = getattr(self, name)[...]
+        if lora is not None and name in lora:
+            w = w + lora[name].astype(w.dtype)
+        return w.astype(jnp.dtype(self.dtype))
+
+    def qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, lora: dict | None = None):
         """Projected, rotated queries and keys, and values."""
-        dt = jnp.dtype(self.dtype)
-        x = x_BxTxD.astype(dt)
-        q_BxTxHxD = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
-        k_BxTxKxD = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
-        v_BxTxKxD = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+        x = x_BxTxD.astype(jnp.dtype(self.dtype))
+        q_BxTxHxD = jnp.einsum("btd,dhk->bthk", x, self.weight("wq", lora))
+        k_BxTxKxD = jnp.einsum("btd,dhk->bthk", x, self.weight("wk", lora))
+        v_BxTxKxD = jnp.einsum("btd,dhk->bthk", x, self.weight("wv", lora))
         q_BxTxHxD = constrain(q_BxTxHxD, ("batch", "seq", "heads", "head_dim"))
         q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, self.rope_base, self.rope_style)
         k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, self.rope_base, self.rope_style)
         return q_BxTxHxD, k_BxTxKxD, v_BxTxKxD
 
-    def out(self, o_BxTxHxD: jax.Array) -> jax.Array:
-        dt = jnp.dtype(self.dtype)
-        return jnp.einsum("bthk,hkd->btd", o_BxTxHxD.astype(dt), self.wo[...].astype(dt))
+    def out(self, o_BxTxHxD: jax.Array, lora: dict | None = None) -> jax.Array:
+        return jnp.einsum("bthk,hkd->btd", o_BxTxHxD.astype(jnp.dtype(self.dtype)), self.weight("wo", lora))
 
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, *, segment_ids_BxT: jax.Array | None = None,
                  kv: tuple[jax.Array, jax.Array, jax.Array] | None = None):

@@ -29,3 +29,14 @@ class Block(nnx.Module):
         x_BxTxD = constrain(x_BxTxD + h.astype(x_BxTxD.dtype), ("batch", "seq", "act_embed"))
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)).astype(x_BxTxD.dtype)
         return constrain(x_BxTxD, ("batch", "seq", "act_embed")), new_kv
+
+    def forward_with(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, attend, *, lora: dict | None = None):
+        """The block with attention delegated: ``attend(q, k, v) -> (o, extra)`` receives the
+        fresh rotated projections and decides which keys they meet (a gathered subset, a cache,
+        keys shared from another recursion). Returns ``(x, extra)``. ``lora`` maps weight names
+        (wq, wk, wv, wo, w_gate, w_up, w_down) to deltas added to this block's weights."""
+        q, k, v = self.attn.qkv(self.attn_norm(x_BxTxD), positions_BxT, lora)
+        o, extra = attend(q, k, v)
+        x_BxTxD = constrain(x_BxTxD + self.attn.out(o, lora).astype(x_BxTxD.dtype), ("batch", "seq", "act_embed"))
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), lora).astype(x_BxTxD.dtype)
+        return constrain(x_BxTxD, ("batch", "seq", "act_embed")), extra

@@ -15,7 +15,13 @@ class SwiGLU(nnx.Module):
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), std=out_std, dtype=param_dtype)
         self.dtype = dtype
 
-    def __call__(self, x_BxTxD):
+    def weight(self, name: str, lora: dict | None = None):
+        w = getattr(self, name)[...]
+        if lora is not None and name in lora:
+            w = w + lora[name].astype(w.dtype)
+        return w.astype(jnp.dtype(self.dtype))
+
+    def __call__(self, x_BxTxD, lora: dict | None = None):
         dt = jnp.dtype(self.dtype)
-        return swiglu(x_BxTxD.astype(dt), self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
-                      self.w_down[...].astype(dt))
+        return swiglu(x_BxTxD.astype(dt), self.weight("w_gate", lora), self.weight("w_up", lora),
+                      self.weight("w_down", lora))

@@ -35,21 +35,66 @@ def attention_reference(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: j
                         segment_ids_BxT: jax.Array | None = None, kv_segment_ids_BxS: jax.Array | None = None,
                         scale: float | None = None) -> jax.Array:
     """softmax(q k^T * scale + mask) v, with scores and softmax in float32 (the oracle)."""
+    b, t = q_BxTxHxD.shape[:2]
+    mask_BxTxS = attention_mask(t, k_BxSxKxD.shape[1], q_offset_B=q_offset_B, causal=causal,
+                                q_segment_ids_BxT=segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS, batch=b)
+    return masked_attention_reference(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, scale=scale)
+
+
+def masked_attention_reference(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+                               mask_BxTxS: jax.Array, *, scale: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale, where mask) v for any boolean mask [B, T, S], in float32."""
     b, t, h, d = q_BxTxHxD.shape
-    s, kh = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    kh = k_BxSxKxD.shape[2]
     if h % kh:
         raise ValueError(f"attention: query heads ({h}) must be a multiple of key/value heads ({kh})")
     scale = d ** -0.5 if scale is None else scale
     q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kh, h // kh, d)
     scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
                                   preferred_element_type=jnp.float32) * scale
-    mask_BxTxS = attention_mask(t, s, q_offset_B=q_offset_B, causal=causal, q_segment_ids_BxT=segment_ids_BxT,
-                                kv_segment_ids_BxS=kv_segment_ids_BxS, batch=b)
     # A finite fill keeps fully masked rows (padding queries) finite instead of NaN.
     scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
     out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD, preferred_element_type=jnp.float32)
     return out_BxTxKxGxD.reshape(b, t, h, d).astype(q_BxTxHxD.dtype)
+
+
+def position_mask(q_positions_BxT: jax.Array, kv_positions_BxS: jax.Array, *, kv_valid_BxS: jax.Array | None = None,
+                  q_segment_ids_BxT: jax.Array | None = None, kv_segment_ids_BxS: jax.Array | None = None
+                  ) -> jax.Array:
+    """Causal mask by token position rather than by index: query at position p sees the valid
+    keys at positions <= p (of its own document). Serves gathered token subsets, caches whose
+    slots hold arbitrary positions, and keys shared across recursions. A query that would see no
+    key at all sees every key instead (its output is discarded by the caller; this keeps it
+    finite on every backend)."""
+    mask_BxTxS = kv_positions_BxS[:, None, :] <= q_positions_BxT[:, :, None]
+    if kv_valid_BxS is not None:
+        mask_BxTxS = mask_BxTxS & kv_valid_BxS[:, None, :]
+    if q_segment_ids_BxT is not None:
+        mask_BxTxS = mask_BxTxS & (q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :])
+    return mask_BxTxS | ~mask_BxTxS.any(-1, keepdims=True)
+
+
+def attention_by_position(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
+                          q_positions_BxT: jax.Array, kv_positions_BxS: jax.Array,
+                          kv_valid_BxS: jax.Array | None = None, q_segment_ids_BxT: jax.Array | None = None,
+                          kv_segment_ids_BxS: jax.Array | None = None, impl: str = "auto",
+                          scale: float | None = None) -> jax.Array:
+    """Attention under :func:`position_mask` (cuDNN with a dense mask on GPU, else the reference)."""
+    mask_BxTxS = position_mask(q_positions_BxT, kv_positions_BxS, kv_valid_BxS=kv_valid_BxS,
+                               q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS)
+    if impl not in IMPLS:
+        raise ValueError(f"attention_by_position: impl must be one of {IMPLS}, got {impl!r}")
+    d = q_BxTxHxD.shape[-1]
+    fast = (jax.default_backend() == "gpu" and q_BxTxHxD.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0
+            and d <= 256 and impl != "xla")
+    if not fast:
+        return masked_attention_reference(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, scale=scale)
+
+    def local(q, k, v, mask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
+
+    return per_device(local, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
 
 
 def cudnn_applies(q_BxTxHxD: jax.Array, *, q_offset_B: jax.Array | None) -> bool:
@@ -99,7 +144,7 @@ def per_device(fn, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT=None):
     head_axis = "tensor" if tp > 1 and q_BxTxHxD.shape[2] % tp == 0 and k_BxSxKxD.shape[2] % tp == 0 else None
     b_spec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
     x_spec = P(b_spec, None, head_axis, None)
-    seg_spec = P(b_spec, None)
+    seg_spec = None if segment_ids_BxT is None else P(b_spec, *([None] * (segment_ids_BxT.ndim - 1)))
     if segment_ids_BxT is None:
         return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(x_spec,) * 3,
                              out_specs=x_spec, check_vma=False)(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)

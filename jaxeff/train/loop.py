@@ -16,7 +16,8 @@ from flax import nnx
 
 from jaxeff.config import Config
 from jaxeff.data import batch_at, eval_batches, prepare_dataset
-from jaxeff.models import Transformer
+from jaxeff.models import RecursiveTransformer, Transformer
+from jaxeff.models.recursive import flops_per_token as recursive_flops_per_token
 from jaxeff.parallel import batch_sharding, make_mesh, state_shardings
 from jaxeff.train.checkpoint import Checkpointer, check_run_config
 from jaxeff.train.flops import device_peak_flops, mfu
@@ -31,23 +32,28 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def build_model_fn(cfg: Config):
-    """The model class for a config; later capabilities (recursive, MoR) register here."""
-    return Transformer
+def build_model(cfg: Config, rngs: nnx.Rngs):
+    """The model a config describes: dense, or recursive / Mixture-of-Recursions."""
+    if cfg.recursion.enabled:
+        return RecursiveTransformer(cfg.model, cfg.recursion, rngs=rngs)
+    return Transformer(cfg.model, rngs=rngs)
+
+
+def model_flops_per_token(cfg: Config) -> float:
+    """Training FLOPs per token of the model a config describes (what MFU and iso-FLOP budgets count)."""
+    return recursive_flops_per_token(cfg.model, cfg.recursion, cfg.train.seq_len)
 
 
 def abstract_model(cfg: Config):
     """graphdef and abstract state of the model, without allocating parameters."""
-    cls = build_model_fn(cfg)
-    return nnx.split(nnx.eval_shape(lambda: cls(cfg.model, rngs=nnx.Rngs(cfg.train.seed))))
+    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.train.seed))))
 
 
 def init_params(cfg: Config, mesh) -> tuple[Any, Any, Any]:
     """(graphdef, params, shardings): parameters created directly in their shards."""
     graphdef, abstract = abstract_model(cfg)
     shardings = state_shardings(abstract, mesh)
-    cls = build_model_fn(cfg)
-    make = jax.jit(lambda: nnx.state(cls(cfg.model, rngs=nnx.Rngs(cfg.train.seed))).to_pure_dict(),
+    make = jax.jit(lambda: nnx.state(build_model(cfg, nnx.Rngs(cfg.train.seed))).to_pure_dict(),
                    out_shardings=shardings)
     return graphdef, make(), shardings
 
@@ -113,7 +119,7 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
                           in_shardings=(state_sh["params"], batch_sh))
         val_batches = eval_batches(ds.val_tokens_NxS, ds.val_segment_ids_NxS, tc.batch_size, tc.eval_batches)
         metrics_log = MetricsLog(run_dir)
-        flops_tok = cfg.model.flops_per_token(tc.seq_len)
+        flops_tok = model_flops_per_token(cfg)
         peak = device_peak_flops()
         n_dev = mesh.size
         say(f"[model] {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOP/token, mesh "
@@ -122,7 +128,7 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
         tokens_per_step = tc.batch_size * tc.seq_len
         summary: dict[str, Any] = {"params": n_params, "unigram_nats": ds.unigram_entropy_nats,
                                    "bytes_per_token": ds.bytes_per_token, "start_step": start}
-        bar = progress(tc.steps, start, cfg.name)
+        bar = progress(tc.steps, start, cfg.name, enabled=verbose)
         t_mark, steps_since = time.perf_counter(), 0
         compile_s = None
         rates: list[float] = []

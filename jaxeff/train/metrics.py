@@ -29,6 +29,6 @@ class MetricsLog:
             f.write(json.dumps(clean) + "\n")
 
 
-def progress(total: int, initial: int, desc: str):
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0,
-                mininterval=1.0)
+def progress(total: int, initial: int, desc: str, *, enabled: bool = True):
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                disable=not enabled or jax.process_index() != 0, mininterval=1.0)

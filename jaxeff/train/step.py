@@ -19,6 +19,16 @@ from flax import nnx
 from jaxeff.ops import cross_entropy, next_token_mask
 
 AUX_LOSS_PREFIX = "loss/"  # aux entries with this prefix are added to the training objective
+STATE_DELTAS = "state_deltas"  # aux entry: a pytree of additions to parameters outside the gradient
+
+
+def add_state_deltas(params: dict, deltas: dict) -> dict:
+    """``params`` with each leaf of the nested dict ``deltas`` added at the same path (e.g. the
+    loss-free balancing bias of a token-choice router, which no gradient moves)."""
+    out = dict(params)
+    for k, d in deltas.items():
+        out[k] = add_state_deltas(params[k], d) if isinstance(d, dict) else params[k] + d.astype(params[k].dtype)
+    return out
 
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> dict:
@@ -42,7 +52,7 @@ def model_loss(graphdef, params, batch: dict, *, mask_documents: bool, denominat
     for k, v in aux.items():
         if k.startswith(AUX_LOSS_PREFIX):
             loss = loss + v
-    return loss, {"nll_sum": nll_sum, "tokens": count, **{k: v for k, v in aux.items()}}
+    return loss, {"nll_sum": nll_sum, "tokens": count, **aux}
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1,
@@ -72,10 +82,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0_shape)
             (grads, loss, metrics), _ = jax.lax.scan(body, (zeros_g, jnp.zeros((), jnp.float32), zeros_m), micro)
             # Aux losses were added once per micro-batch; report their mean, like the metrics.
-            metrics = {k: (v if k in ("nll_sum", "tokens") else v / grad_accum) for k, v in metrics.items()}
+            metrics = {k: (v if k in ("nll_sum", "tokens") else jax.tree.map(lambda x: x / grad_accum, v))
+                       for k, v in metrics.items()}
+        deltas = metrics.pop(STATE_DELTAS, None)
         grad_norm = optax.global_norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        if deltas is not None:
+            new_params = add_state_deltas(new_params, deltas)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = {

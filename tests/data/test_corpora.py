@@ -98,6 +98,14 @@ def test_local_files_and_globs(tmp_path):
     assert [d.text for d in docs] == ["alpha\n", "gamma\n"]
 
 
+def test_joined_corpora(tmp_path, plays):
+    a = _write(tmp_path / "a.txt", "alpha\n")
+    docs = load_corpus(f"shakespeare + {a}")
+    assert len(docs) == len(plays) + 1 and docs[-1].text == "alpha\n"
+    with pytest.raises(ValueError, match="empty part around"):
+        load_corpus("shakespeare+")
+
+
 def test_local_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         load_corpus(str(tmp_path / "nope.txt"))
