@@ -74,7 +74,7 @@ def cmd_eval(args) -> int:
     nll = tokens = 0.0
     n = args.batches or cfg.train.eval_batches
     for b in eval_batches(ds.val_tokens_NxS, ds.val_segment_ids_NxS, cfg.train.batch_size, n):
-        m = jax.device_get(fn(state.to_pure_dict(), b))
+        m = jax.device_get(fn(nnx.to_pure_dict(state), b))
         nll += float(m["nll_sum"])
         tokens += float(m["tokens"])
     loss = nll / max(tokens, 1.0)

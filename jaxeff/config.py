@@ -204,7 +204,6 @@ class RecursionConfig:
     lora_rank: int = 0  # per-recursion LoRA on the shared projections (0: off)
     routing: Literal["none", "expert", "token"] = "none"
     capacities: str = ""  # expert-choice, comma-separated per step; empty: (N_r - r + 1) / N_r
-    capacity_warmup_steps: int = 0  # reserved: cosine warm-up from 1.0 (not yet wired into training)
     router_func: Literal["sigmoid", "tanh", "softmax"] = "sigmoid"
     router_alpha: float = 0.1
     aux_router: bool = False  # expert-choice: a separate router on stop-gradient inputs decides at inference
@@ -222,9 +221,8 @@ class RecursionConfig:
         _choice(self, "kv_strategy", KV_STRATEGIES)
         _choice(self, "balance", ("loss", "loss_free"))
         _positive(self, "n_recursions")
-        for name in ("lora_rank", "capacity_warmup_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                _fail("RecursionConfig", name, f"must be an integer >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            _fail("RecursionConfig", "lora_rank", f"must be an integer >= 0, got {self.lora_rank!r}")
         for name in ("aux_loss_coef", "balance_coef", "bias_update_rate", "z_loss_coef"):
             if getattr(self, name) < 0:
                 _fail("RecursionConfig", name, f"must be >= 0, got {getattr(self, name)}")

@@ -74,7 +74,7 @@ def _mesh_shape(mesh: Mesh) -> dict[str, int]:
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
     """A NamedSharding for every Variable of an NNX state, from its ``logical_axes`` metadata
-    (variables without it are replicated). Returns a pytree matching ``state.to_pure_dict()``."""
+    (variables without it are replicated). Returns a pytree matching ``nnx.to_pure_dict(state)``."""
     shape = _mesh_shape(mesh)
 
     def one(var):
@@ -84,7 +84,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
             return NamedSharding(mesh, P())
         return NamedSharding(mesh, logical_to_spec(axes, np.shape(value), shape))
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    return nnx.to_pure_dict(jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -72,7 +72,7 @@ def variant_config(mode: str, name: str, out: str, overrides: list[str]) -> tupl
     tc = TrainConfig(steps=steps, batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
                      warmup_steps=max(1, steps // 10), eval_every=every, eval_batches=s["eval_batches"],
                      ckpt_every=steps, keep_ckpts=1, log_every=max(1, min(every, 25)), sample_tokens=0)
-    cfg = Config(name=f"mor_{mode}_{name}", model=s["model"], data=s["data"], train=tc, mesh=MeshConfig(data=1),
+    cfg = Config(name=f"mor_{mode}_{name}", model=s["model"], data=s["data"], train=tc, mesh=MeshConfig(),
                  recursion=rc, run_dir=os.path.join(out, "runs", name))
     return cfg.override(overrides), budget
 

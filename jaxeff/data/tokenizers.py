@@ -30,6 +30,14 @@ def _as_ints(ids: Iterable[int], vocab_size: int) -> list[int]:
     return out
 
 
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: readers (other processes of a multi-host run that
+    save the same tokenizer at once) never see a half-written file."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
 class Tokenizer(abc.ABC):
     """What the rest of jaxeff relies on: ids in ``[0, vocab_size)``, bos/eos ids, persistence."""
 
@@ -59,7 +67,8 @@ class Tokenizer(abc.ABC):
         path.mkdir(parents=True, exist_ok=True)
         meta = {"kind": self.kind, "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
                 "format_version": 1}
-        (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _write_atomic(path / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n",
+                                                                   encoding="utf-8"))
         return path
 
 
@@ -150,7 +159,7 @@ class BPETokenizer(Tokenizer):
 
     def save(self, directory: str | os.PathLike) -> None:
         path = self._write_meta(directory)
-        self._hf.save(str(path / HF_FILE))
+        _write_atomic(path / HF_FILE, lambda tmp: self._hf.save(str(tmp)))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> BPETokenizer:

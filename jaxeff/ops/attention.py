@@ -87,7 +87,7 @@ def attention_by_position(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
         raise ValueError(f"attention_by_position: impl must be one of {IMPLS}, got {impl!r}")
     d = q_BxTxHxD.shape[-1]
     fast = (jax.default_backend() == "gpu" and q_BxTxHxD.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0
-            and d <= 256 and impl != "xla")
+            and d <= 256 and impl != "xla" and cudnn_mask_applies(q_BxTxHxD.shape[1], k_BxSxKxD.shape[1]))
     if not fast:
         return masked_attention_reference(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, scale=scale)
 
@@ -97,11 +97,19 @@ def attention_by_position(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
     return per_device(local, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
 
 
-def cudnn_applies(q_BxTxHxD: jax.Array, *, q_offset_B: jax.Array | None) -> bool:
-    """Whether cuDNN flash attention can compute this call (GPU, 16-bit, head_dim, no cache offset)."""
-    d = q_BxTxHxD.shape[-1]
+def cudnn_mask_applies(t: int, s: int) -> bool:
+    """cuDNN takes a dense mask (as a bias) only for even query and key lengths (jax 0.11.2
+    rejects odd ones when training); gathered token subsets, e.g. MoR's top-k, can be odd."""
+    return t % 2 == 0 and s % 2 == 0
+
+
+def cudnn_applies(q_BxTxHxD: jax.Array, *, q_offset_B: jax.Array | None, kv_len: int | None = None) -> bool:
+    """Whether cuDNN flash attention can compute this call (GPU, 16-bit, head_dim, no cache
+    offset, even lengths: jax 0.11.2's cuDNN path rejects odd ones, e.g. a gathered top-k)."""
+    d, t = q_BxTxHxD.shape[-1], q_BxTxHxD.shape[1]
     return (jax.default_backend() == "gpu" and q_BxTxHxD.dtype in (jnp.bfloat16, jnp.float16)
-            and d % 8 == 0 and d <= 256 and q_offset_B is None)
+            and d % 8 == 0 and d <= 256 and q_offset_B is None
+            and cudnn_mask_applies(t, t if kv_len is None else kv_len))
 
 
 def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *, impl: str = "auto",
@@ -110,10 +118,11 @@ def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, 
     """Attention through the implementation ``impl`` ('auto' picks cuDNN on GPU when it applies)."""
     if impl not in IMPLS:
         raise ValueError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
-    use_cudnn = impl == "cudnn" or (impl == "auto" and cudnn_applies(q_BxTxHxD, q_offset_B=q_offset_B))
-    if impl == "cudnn" and not cudnn_applies(q_BxTxHxD, q_offset_B=q_offset_B):
+    applies = cudnn_applies(q_BxTxHxD, q_offset_B=q_offset_B, kv_len=k_BxSxKxD.shape[1])
+    use_cudnn = impl == "cudnn" or (impl == "auto" and applies)
+    if impl == "cudnn" and not applies:
         raise ValueError("attention: impl='cudnn' needs a GPU, bf16/fp16 inputs, head_dim % 8 == 0 and <= 256, "
-                         "and no KV-cache offset; use impl='auto' to fall back to 'xla'")
+                         "even sequence lengths and no KV-cache offset; use impl='auto' to fall back to 'xla'")
     if not use_cudnn:
         return attention_reference(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_offset_B=q_offset_B, causal=causal,
                                    segment_ids_BxT=segment_ids_BxT, scale=scale)
@@ -191,7 +200,9 @@ def _cudnn_packed(q, k, v, segment_ids_BxT, *, causal: bool, scale: float | None
 
     def masked(q, k, v):
         mask = attention_mask(q.shape[1], k.shape[1], causal=causal, q_segment_ids_BxT=segment_ids_BxT,
-                              batch=q.shape[0])[:, None]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+                              batch=q.shape[0])
+        if not cudnn_mask_applies(q.shape[1], k.shape[1]):
+            return masked_attention_reference(q, k, v, mask, scale=scale)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
 
     return jax.lax.cond(jnp.all(n_segments_B <= MAX_PACKED_SEGMENTS), packed, masked, q, k, v)

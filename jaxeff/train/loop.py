@@ -53,7 +53,7 @@ def init_params(cfg: Config, mesh) -> tuple[Any, Any, Any]:
     """(graphdef, params, shardings): parameters created directly in their shards."""
     graphdef, abstract = abstract_model(cfg)
     shardings = state_shardings(abstract, mesh)
-    make = jax.jit(lambda: nnx.state(build_model(cfg, nnx.Rngs(cfg.train.seed))).to_pure_dict(),
+    make = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(cfg.train.seed)))),
                    out_shardings=shardings)
     return graphdef, make(), shardings
 
@@ -192,7 +192,8 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
 def _check_finite(state) -> None:
     bad = int(jax.device_get(state["nonfinite_step"]))
     if bad >= 0:
-        raise NonFiniteLossError(f"training stopped: the loss or gradient became non-finite at step {bad}; "
+        # state counts steps from 0; metrics and checkpoints number them from 1.
+        raise NonFiniteLossError(f"training stopped: the loss or gradient became non-finite at step {bad + 1}; "
                                  f"parameters were kept from before it and no checkpoint was written with it. "
                                  f"Lower train.lr or check the data.")
 
@@ -208,7 +209,7 @@ def restore_run(run_dir: str) -> tuple[Config, Any, Any, int]:
         ckpt.close()
         raise FileNotFoundError(f"{run_dir}: no checkpoint found under {ckpt.directory}")
     graphdef, abstract = abstract_model(cfg)
-    params_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract.to_pure_dict())
+    params_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract))
     tx = make_optimizer(cfg.train, params_like)
     like = jax.eval_shape(lambda p: init_state(p, tx), params_like)
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -85,7 +85,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
             metrics = {k: (v if k in ("nll_sum", "tokens") else jax.tree.map(lambda x: x / grad_accum, v))
                        for k, v in metrics.items()}
         deltas = metrics.pop(STATE_DELTAS, None)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         if deltas is not None:

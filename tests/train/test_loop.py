@@ -211,7 +211,7 @@ def test_nonfinite_loss_stops_training_without_checkpointing_it(train_cfg, monke
 
     monkeypatch.setattr(loop_module, "batch_at", poisoned_batch_at)
     cfg = train_cfg("train.steps=5", f"train.ckpt_every={ckpt_every}", f"train.log_every={log_every}")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 2\b"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 3\b"):
         train(cfg, verbose=False)
     run_dir = Path(cfg.run_dir)
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
