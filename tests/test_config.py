@@ -135,7 +135,7 @@ def test_to_dict_from_dict_and_json():
     cfg = get_preset("tiny").override(["model.tie_embeddings=false", "train.schedule=wsd"])
     d = cfg.to_dict()
     assert d["model"]["tie_embeddings"] is False and d["train"]["schedule"] == "wsd"
-    assert set(d) == {"name", "model", "data", "train", "mesh", "run_dir"}
+    assert set(d) == {"name", "model", "data", "train", "mesh", "recursion", "run_dir"}
     assert Config.from_dict(d) == cfg
     assert Config.from_dict(json.loads(cfg.to_json())) == cfg
     # Missing sections take their defaults.
@@ -158,3 +158,96 @@ def test_flops_per_token_formula():
     m = ModelConfig(vocab_size=100, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32)
     matmul = 2 * (16 * 8 * (2 * 2 + 2 * 1) + 3 * 16 * 32) + 16 * 100
     assert m.flops_per_token(64) == 6 * matmul + 12 * 2 * 2 * 8 * 64
+
+
+# --- RecursionConfig (recursive transformers and Mixture-of-Recursions) ---------------------------
+
+from jaxeff.config import RecursionConfig  # noqa: E402
+
+
+def test_recursion_defaults_and_capacities():
+    rc = RecursionConfig()
+    assert not rc.enabled and rc.resolved_capacities == (1.0,)
+    rc = RecursionConfig(strategy="middle_cycle", n_recursions=3, routing="expert")
+    assert rc.enabled and rc.resolved_capacities == pytest.approx((1.0, 2 / 3, 1 / 3))
+    custom = RecursionConfig(strategy="cycle", n_recursions=3, routing="expert", capacities=" 1, 0.5 ,0.25")
+    assert custom.resolved_capacities == (1.0, 0.5, 0.25)
+    assert RecursionConfig(strategy="cycle", n_recursions=2, capacities="0.5,0.5").resolved_capacities == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: RecursionConfig(strategy="cycle", n_recursions=3, capacities="1,0.5,0.75"), "capacities.*descending"),
+    (lambda: RecursionConfig(strategy="cycle", n_recursions=3, capacities="1,0.5,0"), r"capacities.*\(0, 1\]"),
+    (lambda: RecursionConfig(strategy="cycle", n_recursions=3, capacities="1.5,1,0.5"), r"capacities.*\(0, 1\]"),
+    (lambda: RecursionConfig(strategy="cycle", n_recursions=3, capacities="1,-0.5,-1"), r"capacities.*\(0, 1\]"),
+    (lambda: RecursionConfig(strategy="cycle", n_recursions=3, capacities="1,0.5"), "capacities.*one value per"),
+    (lambda: RecursionConfig(strategy="cycle", n_recursions=2, capacities="1,0.5,0.25"), "capacities.*one value"),
+    (lambda: RecursionConfig(strategy="cycle", n_recursions=2, capacities="1,half"), "capacities.*numbers"),
+    (lambda: RecursionConfig(strategy="sequence", n_recursions=2, routing="expert"), "RecursionConfig.routing"),
+    (lambda: RecursionConfig(strategy="middle_sequence", n_recursions=2, routing="token"),
+     "RecursionConfig.routing"),
+    (lambda: RecursionConfig(strategy="cycle", n_recursions=1, routing="token"), "RecursionConfig.n_recursions"),
+    (lambda: RecursionConfig(strategy="none", n_recursions=2), "RecursionConfig.strategy"),
+    (lambda: RecursionConfig(lora_rank=4), "RecursionConfig.strategy"),
+    (lambda: RecursionConfig(routing="expert"), "RecursionConfig.strategy"),
+    (lambda: RecursionConfig(strategy="cycle", n_recursions=2, kv_strategy="cross"), "RecursionConfig.kv_strategy"),
+    (lambda: RecursionConfig(strategy="loop"), "RecursionConfig.strategy"),
+    (lambda: RecursionConfig(strategy="cycle", routing="moe"), "RecursionConfig.routing"),
+    (lambda: RecursionConfig(strategy="cycle", router_func="relu"), "RecursionConfig.router_func"),
+    (lambda: RecursionConfig(strategy="cycle", balance="aux"), "RecursionConfig.balance"),
+    (lambda: RecursionConfig(strategy="cycle", n_recursions=0), "RecursionConfig.n_recursions"),
+    (lambda: RecursionConfig(strategy="cycle", lora_rank=-1), "RecursionConfig.lora_rank"),
+    (lambda: RecursionConfig(strategy="cycle", router_alpha=0.0), "RecursionConfig.router_alpha"),
+    (lambda: RecursionConfig(strategy="cycle", aux_loss_coef=-1e-3), "RecursionConfig.aux_loss_coef"),
+    (lambda: RecursionConfig(strategy="cycle", bias_update_rate=-1.0), "RecursionConfig.bias_update_rate"),
+])
+def test_recursion_config_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("n_layers, strategy, n_r, ok", [
+    (6, "middle_cycle", 3, False),  # middle depth 4
+    (5, "middle_cycle", 3, True),
+    (8, "middle_sequence", 3, True),
+    (8, "middle_sequence", 4, False),
+    (6, "cycle", 3, True),
+    (6, "cycle", 4, False),
+    (4, "sequence", 4, True),
+    (2, "middle_cycle", 1, False),  # nothing left to share
+    (3, "cycle", 6, False),
+])
+def test_recursion_depth_checked_by_config(n_layers, strategy, n_r, ok):
+    make = lambda: Config(model=ModelConfig(n_layers=n_layers),  # noqa: E731
+                          recursion=RecursionConfig(strategy=strategy, n_recursions=n_r))
+    if ok:
+        assert make().recursion.n_recursions == n_r
+    else:
+        with pytest.raises(ValueError, match="RecursionConfig.n_recursions") as err:
+            make()
+        assert (f"n_layers - 2 = {n_layers - 2}" if strategy.startswith("middle_") else f"n_layers = {n_layers}") \
+            in str(err.value)
+
+
+def test_recursion_overrides():
+    cfg = get_preset("tiny").override(["model.n_layers=5", "recursion.strategy=middle_cycle",
+                                       "recursion.n_recursions=3", "recursion.routing=expert",
+                                       "recursion.capacities=1,0.5,0.25", "recursion.aux_router=true",
+                                       "recursion.router_alpha=0.5", "recursion.lora_rank=2",
+                                       "recursion.kv_strategy=share"])
+    rc = cfg.recursion
+    assert rc == RecursionConfig(strategy="middle_cycle", n_recursions=3, routing="expert", capacities="1,0.5,0.25",
+                                 aux_router=True, router_alpha=0.5, lora_rank=2, kv_strategy="share")
+    assert isinstance(rc.n_recursions, int) and isinstance(rc.router_alpha, float) and rc.aux_router is True
+    assert rc.resolved_capacities == (1.0, 0.5, 0.25)
+    # Round trip through a dict and JSON keeps the recursion section.
+    assert Config.from_dict(json.loads(cfg.to_json())) == cfg
+    # The whole config is validated together: the tiny preset's 4 layers leave a middle depth of 2.
+    with pytest.raises(ValueError, match="RecursionConfig.n_recursions"):
+        get_preset("tiny").override(["recursion.strategy=middle_cycle", "recursion.n_recursions=3"])
+    with pytest.raises(ValueError, match="RecursionConfig.capacities"):
+        cfg.override(["recursion.capacities=1,0.75"])
+    with pytest.raises(ValueError, match="cannot read 'three' as int"):
+        cfg.override(["recursion.n_recursions=three"])
+    with pytest.raises(ValueError, match="RecursionConfig has no field 'depth'"):
+        cfg.override(["recursion.depth=3"])

@@ -72,7 +72,8 @@ class TokenChoiceRouter(nnx.Module):
             aux["state_deltas"] = {"router": {"bias": routing.loss_free_bias_update(self.bias[...], load_R,
                                                                                      rc.bias_update_rate)}}
         if rc.z_loss_coef:
-            z = routing.router_z_loss(logits_BxTxR, axis=-1)
+            lse_BxT = jax.nn.logsumexp(logits_BxTxR, axis=-1)
+            z = jnp.where(valid_BxT, lse_BxT ** 2, 0.0).sum() / jnp.maximum(valid_BxT.sum(), 1)
             aux["mor/z_loss"] = z
             aux["loss/router_z"] = rc.z_loss_coef * z
         return depth_BxT, gate_BxT, aux
@@ -89,6 +90,6 @@ def expert_step_aux(step: int, logit_BxN, decide_logit_BxN, selected_BxN, valid_
         aux[f"mor/router_bce_r{step + 1}"] = bce
         aux[f"loss/router_bce_r{step + 1}"] = rcfg.aux_loss_coef * bce
     if rcfg.z_loss_coef:
-        aux[f"loss/router_z_r{step + 1}"] = rcfg.z_loss_coef * routing.router_z_loss(
-            jnp.where(valid_BxN, logit_BxN, 0.0), axis=None)
+        z_BxN = jnp.where(valid_BxN, logit_BxN, 0.0) ** 2  # the mean runs over valid tokens, like the BCE
+        aux[f"loss/router_z_r{step + 1}"] = rcfg.z_loss_coef * z_BxN.sum() / jnp.maximum(valid_BxN.sum(), 1)
     return aux

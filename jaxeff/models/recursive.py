@@ -118,6 +118,8 @@ class RecursiveTransformer(nnx.Module):
             h, aux = self._forward_compact(h, positions_BxT, segment_ids, valid_BxT)
         else:
             h, aux = self._forward_masked(h, positions_BxT, segment_ids, valid_BxT, self._decider(mode))
+            if mode != "threshold":  # training metrics stay scalars (a [B, T] array is not one)
+                aux.pop("depth", None)
         if self.last is not None:
             h = self.last(h, positions_BxT, segment_ids_BxT=segment_ids)[0]
         return self.logits(h), aux
@@ -226,11 +228,13 @@ class RecursiveTransformer(nnx.Module):
         impl = attn_impl or self.cfg.attention_impl
         aux: dict = {}
         active = valid_BxT
+        depth_BxT = jnp.zeros(valid_BxT.shape, jnp.int32)
         first_kv = {}
         for r in range(self.rcfg.n_recursions):
             decide, gate, a = decide_fn(r, h, active)
             aux.update(a)
             aux[f"mor/selected_frac_r{r + 1}"] = decide.sum() / jnp.maximum(valid_BxT.sum(), 1)
+            depth_BxT = depth_BxT + decide.astype(jnp.int32)
 
             def attend_for(j, r=r, decide=decide):
                 def attend(q, k, v):
@@ -252,6 +256,7 @@ class RecursiveTransformer(nnx.Module):
             active = decide
         if self.rcfg.routing != "none":
             aux["mor/dead_token_ratio"] = routing.dead_token_ratio(active, valid_BxT)
+            aux["depth"] = depth_BxT  # recursion steps each token ran, [B, T] (mode='threshold' only)
         return h, aux
 
     # ----------------------------------------------------------------------------------- decode
@@ -343,7 +348,7 @@ def flops_per_token(cfg: ModelConfig, rcfg: RecursionConfig, seq_len: int) -> fl
         keys = fracs[0] if shared_kv else c
         total += u * c * (6.0 * (qo + mlp + (0 if shared_kv else kv)) + attn * keys)
     if rcfg.routing == "expert":
-        total += 6.0 * d * sum(fracs[:-1] if len(fracs) > 1 else fracs) + 6.0 * d
+        total += 6.0 * d * (1.0 + sum(fracs[:-1]))  # step r's router scores step r-1's survivors
     elif rcfg.routing == "token":
         total += 6.0 * d * rcfg.n_recursions
     return total
