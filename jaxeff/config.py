@@ -197,6 +197,12 @@ class RecursionConfig:
     last layers unique and share the middle L - 2. ``routing`` picks per-token depth: ``expert``
     (one router per recursion step, top-k with hierarchical filtering) or ``token`` (one router
     over the depths).
+
+    ``kv_strategy='share'`` makes every recursion step attend to the first step's keys and values;
+    with ``kv_share_update`` the tokens a later step selects first overwrite their own entries (as
+    the official code's ``update_cache``). Training computes each step in parallel, so a token
+    sees earlier tokens' entries as of the current step; token-by-token decoding sees them as of
+    their deepest step. The two agree without updates (tested), not with them.
     """
 
     strategy: Literal["none", "cycle", "sequence", "middle_cycle", "middle_sequence"] = "none"
@@ -213,6 +219,9 @@ class RecursionConfig:
     bias_update_rate: float = 1e-3  # token-choice loss-free bias step
     z_loss_coef: float = 0.0
     kv_strategy: Literal["recursion", "share"] = "recursion"
+    kv_share_update: bool = False  # share: tokens selected at a later step overwrite their shared keys/values
+    capacity_warmup_steps: int = 0  # expert-choice: cosine warm-up of the capacities from 1.0 (0: off)
+    capacity_warmup_phases: int = 8  # the warm-up moves in this many steps (each compiles its own train step)
 
     def __post_init__(self):
         _choice(self, "strategy", SHARING_STRATEGIES)
@@ -221,8 +230,14 @@ class RecursionConfig:
         _choice(self, "kv_strategy", KV_STRATEGIES)
         _choice(self, "balance", ("loss", "loss_free"))
         _positive(self, "n_recursions")
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            _fail("RecursionConfig", "lora_rank", f"must be an integer >= 0, got {self.lora_rank!r}")
+        for name in ("lora_rank", "capacity_warmup_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                _fail("RecursionConfig", name, f"must be an integer >= 0, got {getattr(self, name)!r}")
+        _positive(self, "capacity_warmup_phases")
+        if self.kv_share_update and self.kv_strategy != "share":
+            _fail("RecursionConfig", "kv_share_update", "applies to kv_strategy='share' only")
+        if self.capacity_warmup_steps and self.routing != "expert":
+            _fail("RecursionConfig", "capacity_warmup_steps", "applies to expert-choice routing only")
         for name in ("aux_loss_coef", "balance_coef", "bias_update_rate", "z_loss_coef"):
             if getattr(self, name) < 0:
                 _fail("RecursionConfig", name, f"must be >= 0, got {getattr(self, name)}")

@@ -6,7 +6,8 @@ Two strategies for the shared blocks:
 * recursion-wise caching (``kv_strategy='recursion'``): recursion step r keeps its own cache
   holding only the tokens that reached step r; attention at step r reads only that cache.
 * recursive KV sharing (``kv_strategy='share'``): only the first recursion's keys and values are
-  stored, and every later recursion attends to them.
+  stored, and every later recursion attends to them (``kv_share_update``: the tokens a later
+  step selects overwrite their own first-step entries).
 
 Shared-block caches are compacted: a token that reaches step r takes the next free slot of that
 step's cache, and the slot remembers the token's position (its keys are already rotated at that

@@ -129,7 +129,7 @@ class RecursiveTransformer(nnx.Module):
         first_kv = {}
         for j, r in self.layer_map:
             def attend(q, k, v, j=j, r=r):
-                if self._share(r):
+                if self._share(r) and not self.rcfg.kv_share_update:  # (updating every token = not sharing)
                     k0, v0 = first_kv[j]
                     return attention(q, k0, v0, impl=self.cfg.attention_impl, segment_ids_BxT=segment_ids), None
                 return attention(q, k, v, impl=self.cfg.attention_impl, segment_ids_BxT=segment_ids), (k, v)
@@ -149,6 +149,7 @@ class RecursiveTransformer(nnx.Module):
         aux: dict = {}
         cand_idx = None  # [B, n] original positions of the candidates (None: all T)
         first_kv = {}
+        loc = None  # [B, k_r] where each selected token sits among the first step's tokens
         for r, cap in enumerate(self.capacities):
             k = routing.tokens_for_capacity(cap, t)
             x_c = h if cand_idx is None else routing.gather_rows(h, cand_idx)
@@ -162,15 +163,20 @@ class RecursiveTransformer(nnx.Module):
                 local, selected = routing.expert_choice_topk(jnp.where(valid_c, logit, -1e30), k)
                 aux.update(expert_step_aux(r, logit, decide_logit, selected, valid_c, self.rcfg))
             idx = local if cand_idx is None else routing.gather_rows(cand_idx, local)
+            loc = local if loc is None else routing.gather_rows(loc, local)
             x_s, pos_s = routing.gather_rows(h, idx), routing.gather_rows(positions_BxT, idx)
             seg_s = None if segment_ids is None else routing.gather_rows(segment_ids, idx)
             valid_s = routing.gather_rows(valid_BxT, idx)
             aux[f"mor/selected_frac_r{r + 1}"] = valid_s.sum() / jnp.maximum(valid_BxT.sum(), 1)
 
-            def attend_for(j, r=r, pos_s=pos_s, seg_s=seg_s):
+            def attend_for(j, r=r, pos_s=pos_s, seg_s=seg_s, loc=loc):
                 def attend(q, k_, v_):
                     if self._share(r):
                         k0, v0, pos0, seg0 = first_kv[j]
+                        if self.rcfg.kv_share_update:  # the selected tokens' entries take their fresh keys
+                            rows = jnp.arange(q.shape[0])[:, None]
+                            k0, v0 = k0.at[rows, loc].set(k_), v0.at[rows, loc].set(v_)
+                            first_kv[j] = (k0, v0, pos0, seg0)
                         return attention_by_position(q, k0, v0, q_positions_BxT=pos_s, kv_positions_BxS=pos0,
                                                      q_segment_ids_BxT=seg_s, kv_segment_ids_BxS=seg0,
                                                      impl=self.cfg.attention_impl), None
@@ -240,6 +246,10 @@ class RecursiveTransformer(nnx.Module):
                 def attend(q, k, v):
                     if self._share(r):
                         k0, v0, d0 = first_kv[j]
+                        if self.rcfg.kv_share_update:
+                            sel = decide[:, :, None, None]
+                            k0, v0 = jnp.where(sel, k, k0), jnp.where(sel, v, v0)
+                            first_kv[j] = (k0, v0, d0)
                         k, v, kv_valid = k0, v0, d0
                     else:
                         kv_valid = decide
@@ -295,7 +305,7 @@ class RecursiveTransformer(nnx.Module):
         def attend_for(j, r, slots):
             def attend(q, k, v):
                 i = stored(r) * u + j
-                if not self._share(r):
+                if not self._share(r) or self.rcfg.kv_share_update:
                     ks[i] = write_slots(ks[i], k, slots)
                     vs[i] = write_slots(vs[i], v, slots)
                 kv_valid = jnp.arange(cap)[None, :] < new_counts[stored(r)][:, None]
@@ -313,7 +323,10 @@ class RecursiveTransformer(nnx.Module):
             decide_fn, active = self._decider("threshold"), valid_BxT
             for r in range(self.rcfg.n_recursions):
                 decide, gate, _ = decide_fn(r, h, active)
-                slots = None if self._share(r) else claim(stored(r), decide)
+                if not self._share(r):
+                    slots = first_slots = claim(stored(r), decide)
+                else:  # with kv_share_update the tokens of this step rewrite their first-step slots
+                    slots = jnp.where(decide, first_slots, cap)
                 x = h
                 for j in range(u):
                     x, _ = self.shared[j].forward_with(x, positions_BxT, attend_for(j, r, slots), lora=self._lora(j, r))
