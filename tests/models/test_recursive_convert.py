@@ -205,3 +205,27 @@ def test_mismatched_configs_are_named(vanilla_overrides, field):
     vanilla = _params(Transformer(_cfg(**vanilla_overrides), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=field):
         convert_from_vanilla(vanilla, _template(cfg, rcfg), cfg, rcfg)
+
+
+def test_convert_run_from_a_dense_checkpoint(tmp_path):
+    """A trained dense run's checkpoint converts; with N_r = 1 it computes the same logits."""
+    from jaxeff.config import get_preset
+    from jaxeff.models import convert_run
+    from jaxeff.train import restore_run, train
+
+    cfg = get_preset("tiny").override([
+        f"run_dir={tmp_path / 'dense'}", "train.steps=2", "train.warmup_steps=1", "train.ckpt_every=2",
+        "train.eval_every=2", "train.eval_batches=1", "train.sample_tokens=0", "model.n_layers=3",
+        "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=64", "data.tokenizer=byte",
+        "model.vocab_size=258", "train.batch_size=8", "train.seq_len=32", "model.max_seq_len=32"])
+    train(cfg, verbose=False)
+    _, graphdef, params, _ = restore_run(str(tmp_path / "dense"))
+    dense = nnx.merge(graphdef, params)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (2, 16)), jnp.int32)
+    same = convert_run(str(tmp_path / "dense"), RecursionConfig(strategy="cycle", n_recursions=1))
+    np.testing.assert_allclose(np.asarray(same(tokens)[0]), np.asarray(dense(tokens)[0]), atol=1e-5)
+    mor = convert_run(str(tmp_path / "dense"), RecursionConfig(strategy="middle_cycle", n_recursions=1,
+                                                               routing="expert"), init="average")
+    assert mor(tokens)[0].shape == (2, 16, 258)
+    with pytest.raises(ValueError, match="n_recursions"):
+        convert_run(str(tmp_path / "dense"), RecursionConfig(strategy="cycle", n_recursions=2))
