@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxeff.config import Config
+from jaxeff.config import Config, RecursionConfig
 from jaxeff.data import batch_at, eval_batches, prepare_dataset
 from jaxeff.models import RecursiveTransformer, Transformer
 from jaxeff.models.recursive import flops_per_token as recursive_flops_per_token
+from jaxeff.ops.routing import warmup_capacity
 from jaxeff.parallel import batch_sharding, make_mesh, state_shardings
 from jaxeff.train.checkpoint import Checkpointer, check_run_config
 from jaxeff.train.flops import device_peak_flops, mfu
@@ -47,6 +48,22 @@ def model_flops_per_token(cfg: Config) -> float:
 def abstract_model(cfg: Config):
     """graphdef and abstract state of the model, without allocating parameters."""
     return nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.train.seed))))
+
+
+def capacities_at(rcfg: RecursionConfig, step: int) -> tuple[float, ...]:
+    """Expert-choice capacities of the train step at global step ``step`` (0-based).
+
+    MoR (Bae et al., 2025, arXiv 2507.10524; the official code's ``cap_warmup_step``) warms the
+    capacities up with a cosine from 1.0 down to the targets. Each capacity fixes a static top-k size,
+    i.e. a compiled step, so the cosine is taken in ``P = capacity_warmup_phases`` stairs: phase
+    p = min(P, floor(step * P / W)) uses its value at step p * W / P; phase P is the targets.
+    """
+    caps, w, n = rcfg.resolved_capacities, rcfg.capacity_warmup_steps, rcfg.capacity_warmup_phases
+    phase = min(n, step * n // w) if w else n
+    if phase == n:
+        return caps
+    # min(): c + (1 - c) may round one ulp above 1.0, which the config rejects.
+    return tuple(min(1.0, warmup_capacity(c, phase * w / n, w)) for c in caps)
 
 
 def init_params(cfg: Config, mesh) -> tuple[Any, Any, Any]:
@@ -113,8 +130,25 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
             state = ckpt.restore(start, state)
             say(f"[resume] step {start} from {ckpt.directory}")
         batch_sh = batch_sharding(mesh)
-        step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=tc.grad_accum, mask_documents=tc.mask_documents),
-                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+        rcfg = cfg.recursion
+        target_caps = rcfg.resolved_capacities
+        param_like = jax.tree.map(lambda x: (x.shape, x.dtype), state["params"])
+        step_fns: dict[tuple[float, ...], Any] = {}  # one jitted step per capacity phase, built when first used
+
+        def step_fn_for(caps: tuple[float, ...]):
+            if caps not in step_fns:
+                gd = graphdef
+                if caps != target_caps:
+                    phase_rcfg = dataclasses.replace(rcfg, capacities=",".join(repr(c) for c in caps))
+                    gd, abstract = abstract_model(dataclasses.replace(cfg, recursion=phase_rcfg))
+                    # the capacities live in the graphdef only: every phase trains the same state
+                    assert jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(abstract)) == param_like, \
+                        f"capacities {caps} changed the parameters"
+                step_fns[caps] = jax.jit(
+                    make_train_step(gd, tx, grad_accum=tc.grad_accum, mask_documents=tc.mask_documents),
+                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+            return step_fns[caps]
+
         eval_fn = jax.jit(make_eval_step(graphdef, mask_documents=tc.mask_documents),
                           in_shardings=(state_sh["params"], batch_sh))
         val_batches = eval_batches(ds.val_tokens_NxS, ds.val_segment_ids_NxS, tc.batch_size, tc.eval_batches)
@@ -131,12 +165,15 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
         bar = progress(tc.steps, start, cfg.name, enabled=verbose)
         t_mark, steps_since = time.perf_counter(), 0
         compile_s = None
-        rates: list[float] = []
+        rates: list[tuple[float, bool]] = []  # (tokens/s, whether a capacity phase compiled in that interval)
+        recompiled = False
         put = lambda i: to_global(batch_at(ds.train_tokens_NxS, ds.train_segment_ids_NxS, i, tc.batch_size, tc.seed),
                                   batch_sh)
         next_batch = put(start) if start < tc.steps else None
         for step in range(start, tc.steps):
-            state, m = step_fn(state, next_batch)
+            caps = capacities_at(rcfg, step)  # of the global step, so a resumed run picks the same phase
+            recompiled |= compile_s is not None and caps not in step_fns
+            state, m = step_fn_for(caps)(state, next_batch)
             # The next batch goes to the devices while this step runs (dispatch is asynchronous).
             next_batch = put(step + 1) if step + 1 < tc.steps else None
             steps_since += 1
@@ -151,15 +188,19 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
                 now = time.perf_counter()
                 tok_s = tokens_per_step * steps_since / max(now - t_mark, 1e-9) if steps_since else float("nan")
                 if steps_since:
-                    rates.append(tok_s)
-                t_mark, steps_since = now, 0
+                    rates.append((tok_s, not recompiled))
+                t_mark, steps_since, recompiled = now, 0, False
                 util = mfu(flops_tok, tok_s, n_dev, peak)
                 rec = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                        "lr": float(schedule(done)), "tokens_per_s": tok_s, "mfu": util}
                 rec.update({k: float(np.mean(v)) for k, v in m.items() if k not in rec and k != "objective"
                             and np.ndim(v) == 0})
+                if rcfg.capacity_warmup_steps:
+                    rec.update({f"mor/capacity_r{r + 1}": c for r, c in enumerate(caps)})
                 metrics_log.write(rec)
                 post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{tok_s:,.0f}"}
+                if caps != target_caps:
+                    post["cap"] = f"{caps[-1]:.2f}"
                 if util is not None:
                     post["mfu"] = f"{100 * util:.1f}%"
                 bar.set_postfix(post, refresh=False)
@@ -180,6 +221,8 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
         if "val_loss" not in summary:  # resumed a finished run: report its validation loss anyway
             summary.update(evaluate(eval_fn, state["params"], val_batches, batch_sh))
             summary["val_bpb"] = summary["val_loss"] / math.log(2) / ds.bytes_per_token
+        # Intervals that compiled a new capacity phase are slow for that reason only: leave them out.
+        rates = [r for r, clean in rates if clean] or [r for r, _ in rates]
         steady = rates[1:] if len(rates) > 2 else rates
         tok_s = float(np.median(steady)) if steady else float("nan")
         summary.update({"steps": tc.steps, "tokens_per_s": tok_s, "compile_s": compile_s,
