@@ -222,6 +222,9 @@ class RecursionConfig:
     kv_share_update: bool = False  # share: tokens selected at a later step overwrite their shared keys/values
     capacity_warmup_steps: int = 0  # expert-choice: cosine warm-up of the capacities from 1.0 (0: off)
     capacity_warmup_phases: int = 8  # the warm-up moves in this many steps (each compiles its own train step)
+    init_from: str = ""  # a dense run directory to convert and uptrain from (Relaxed Recursive Transformers)
+    init_method: Literal["stepwise", "average", "lower"] = "stepwise"  # how shared blocks start from its layers
+    lora_init: Literal["svd", "zero"] = "svd"  # LoRA start: truncated SVD of (original - shared), or zero
 
     def __post_init__(self):
         _choice(self, "strategy", SHARING_STRATEGIES)
@@ -234,6 +237,10 @@ class RecursionConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 _fail("RecursionConfig", name, f"must be an integer >= 0, got {getattr(self, name)!r}")
         _positive(self, "capacity_warmup_phases")
+        _choice(self, "init_method", ("stepwise", "average", "lower"))
+        _choice(self, "lora_init", ("svd", "zero"))
+        if self.init_from and self.strategy == "none":
+            _fail("RecursionConfig", "init_from", "converts a dense run into a recursive one; set a sharing strategy")
         if self.kv_share_update and self.kv_strategy != "share":
             _fail("RecursionConfig", "kv_share_update", "applies to kv_strategy='share' only")
         if self.capacity_warmup_steps and self.routing != "expert":

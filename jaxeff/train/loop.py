@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -104,6 +105,14 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
     check_run_config(run_dir, cfg.to_dict())
     say = print if (verbose and jax.process_index() == 0) else (lambda *a, **k: None)
 
+    init_from = cfg.recursion.init_from
+    if init_from:  # uptraining a converted dense run: it must read the text with the same tokenizer
+        if not os.path.isdir(os.path.join(init_from, "tokenizer")):
+            raise FileNotFoundError(f"recursion.init_from={init_from!r}: not a jaxeff run directory "
+                                    f"(no tokenizer/ inside)")
+        if not os.path.isdir(os.path.join(run_dir, "tokenizer")):
+            shutil.copytree(os.path.join(init_from, "tokenizer"), os.path.join(run_dir, "tokenizer"),
+                            dirs_exist_ok=True)
     ds = prepare_dataset(cfg.data, tc.seq_len, tokenizer_dir=os.path.join(run_dir, "tokenizer"))
     if ds.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
@@ -129,6 +138,16 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
         if start:
             state = ckpt.restore(start, state)
             say(f"[resume] step {start} from {ckpt.directory}")
+        elif init_from:  # a fresh run starts from the converted dense weights (Adam's moments are zero anyway)
+            from jaxeff.models.recursive_convert import convert_run
+
+            rc = cfg.recursion
+            converted = nnx.to_pure_dict(nnx.state(convert_run(init_from, rc, init=rc.init_method,
+                                                               lora_init=rc.lora_init, seed=tc.seed)))
+            place = lambda new, old: jax.make_array_from_callback(  # every process holds the whole array
+                old.shape, old.sharding, lambda idx, a=np.asarray(new, old.dtype): a[idx])
+            state["params"] = jax.tree.map(place, converted, state["params"])
+            say(f"[init] converted the dense run {init_from} ({rc.init_method} init, LoRA {rc.lora_init})")
         batch_sh = batch_sharding(mesh)
         rcfg = cfg.recursion
         target_caps = rcfg.resolved_capacities

@@ -229,3 +229,13 @@ def test_convert_run_from_a_dense_checkpoint(tmp_path):
     assert mor(tokens)[0].shape == (2, 16, 258)
     with pytest.raises(ValueError, match="n_recursions"):
         convert_run(str(tmp_path / "dense"), RecursionConfig(strategy="cycle", n_recursions=2))
+
+    # Uptraining through the loop: recursion.init_from starts the run from the converted weights
+    # (and the dense run's tokenizer); with N_r = 1 and a negligible step it scores like the dense run.
+    dense_val = train(cfg, verbose=False)["val_loss"]  # finished run: reports its validation loss
+    up = cfg.override([f"run_dir={tmp_path / 'up'}", "train.steps=1", "train.warmup_steps=0", "train.lr=1e-12",
+                       "recursion.strategy=cycle", f"recursion.init_from={tmp_path / 'dense'}"])
+    assert train(up, verbose=False)["val_loss"] == pytest.approx(dense_val, abs=1e-4)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train(up.override([f"run_dir={tmp_path / 'up2'}", f"recursion.init_from={tmp_path / 'nowhere'}"]),
+              verbose=False)
