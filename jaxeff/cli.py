@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -47,8 +48,13 @@ def cmd_train(args) -> int:
           f"{summary['val_bpb']:.3f} bits/byte) vs unigram baseline {uni:.4f}: "
           f"{'BELOW' if val < uni else 'NOT below'} the unigram baseline by {uni - val:.3f} nats")
     mfu = summary.get("mfu")
-    print(f"[result] {summary['tokens_per_s']:,.0f} tokens/s on {summary['n_devices']} x {summary['device']}"
-          + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "") + f"; checkpoint in {cfg.resolved_run_dir}")
+    if summary["start_step"] >= summary["steps"]:
+        print(f"[result] the run had already finished its {summary['steps']} steps (nothing left to train); "
+              f"checkpoint in {cfg.resolved_run_dir}")
+    else:
+        print(f"[result] {summary['tokens_per_s']:,.0f} tokens/s on {summary['n_devices']} x {summary['device']}"
+              + (f", MFU {100 * mfu:.1f}%" if mfu is not None and math.isfinite(mfu) else "")
+              + f"; checkpoint in {cfg.resolved_run_dir}")
     if cfg.train.sample_tokens and jax.process_count() == 1:
         tok = summary["tokenizer"]
         model = nnx.merge(summary["graphdef"], summary["final_params"])
