@@ -162,11 +162,14 @@ class RecursiveTransformer(nnx.Module):
             else:
                 local, selected = routing.expert_choice_topk(jnp.where(valid_c, logit, -1e30), k)
                 aux.update(expert_step_aux(r, logit, decide_logit, selected, valid_c, self.rcfg))
-            idx = local if cand_idx is None else routing.gather_rows(cand_idx, local)
             loc = local if loc is None else routing.gather_rows(loc, local)
-            x_s, pos_s = routing.gather_rows(h, idx), routing.gather_rows(positions_BxT, idx)
-            seg_s = None if segment_ids is None else routing.gather_rows(segment_ids, idx)
-            valid_s = routing.gather_rows(valid_BxT, idx)
+            if cand_idx is None and k >= n:  # every token goes on: no gather or scatter needed
+                idx, x_s, pos_s, seg_s, valid_s = None, h, positions_BxT, segment_ids, valid_BxT
+            else:
+                idx = local if cand_idx is None else routing.gather_rows(cand_idx, local)
+                x_s, pos_s = routing.gather_rows(h, idx), routing.gather_rows(positions_BxT, idx)
+                seg_s = None if segment_ids is None else routing.gather_rows(segment_ids, idx)
+                valid_s = routing.gather_rows(valid_BxT, idx)
             aux[f"mor/selected_frac_r{r + 1}"] = valid_s.sum() / jnp.maximum(valid_BxT.sum(), 1)
 
             def attend_for(j, r=r, pos_s=pos_s, seg_s=seg_s, loc=loc):
@@ -186,10 +189,14 @@ class RecursiveTransformer(nnx.Module):
                 return attend
 
             y = self._run_stack(x_s, r, pos_s, attend_for)
-            g_s = routing.gather_rows(gate_c, local)
-            h = routing.scatter_add_rows(h, idx, (g_s[..., None] * y.astype(jnp.float32)).astype(h.dtype))
+            if idx is None:
+                h = h + (gate_c[..., None] * y.astype(jnp.float32)).astype(h.dtype)
+            else:
+                g_s = routing.gather_rows(gate_c, local)
+                h = routing.scatter_add_rows(h, idx, (g_s[..., None] * y.astype(jnp.float32)).astype(h.dtype))
             cand_idx = idx
-        last = jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], cand_idx].set(True)
+        last = (jnp.ones((b, t), bool) if cand_idx is None
+                else jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], cand_idx].set(True))
         aux["mor/dead_token_ratio"] = routing.dead_token_ratio(last, valid_BxT)
         return h, aux
 

@@ -359,6 +359,8 @@ ORACLE_CASES = {
                                                     func="sigmoid", lora=2),
     "cycle-share-step1routed-tanh-untied": dict(n_layers=6, kv="share", seg=False, caps="0.75,0.5,0.25",
                                                 func="tanh", tie=False),
+    # every step keeps every token: the compacted path skips its gather/scatter entirely
+    "middle-share-packed-all-tokens": dict(n_layers=5, kv="share", seg=True, caps="1,1,1", func="sigmoid"),
 }
 
 
