@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -33,7 +32,6 @@ from flax import nnx
 
 from jaxeff.config import Config, DataConfig, MeshConfig, ModelConfig, RecursionConfig, TrainConfig
 from jaxeff.data import eval_batches, prepare_dataset
-from jaxeff.models import RecursiveTransformer
 from jaxeff.ops import cross_entropy, next_token_mask
 from jaxeff.train.loop import model_flops_per_token, train
 

@@ -1,7 +1,6 @@
 """Recursive KV sharing with updates (``recursion.kv_share_update``): tokens selected at a later
 recursion step overwrite their entries of the shared (first-step) keys and values."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
