@@ -12,6 +12,7 @@ from a second, individually blocked pass. Writes a JSON list of results.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -28,6 +29,9 @@ from jaxeff.train.loop import init_params, model_flops_per_token
 from jaxeff.train.optimizer import make_optimizer
 from jaxeff.train.step import init_state, make_train_step
 
+attention_ops = importlib.import_module("jaxeff.ops.attention")  # the module (jaxeff.ops.attention is the function)
+DEFAULT_TIERS = attention_ops.PACKED_SEGMENT_TIERS
+
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, doc_len: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -36,10 +40,12 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, doc_len: int, seed: in
     return {"tokens": tokens, "segment_ids": np.broadcast_to(seg, tokens.shape).copy()}
 
 
-def run_variant(preset: str, overrides: list[str], steps: int, warmup: int, doc_len: int) -> dict:
-    cfg = get_preset(preset).override(overrides)
+def build(cfg, devices=None, doc_len: int = 1_000_000, n_batches: int = 4):
+    """Mesh, jitted train step (as ``jaxeff train`` builds it), initial state and device batches
+    of synthetic data for ``cfg``. Returns (mesh, step_fn, state, batches); the caller enters
+    ``jax.set_mesh(mesh)`` around the calls."""
     tc = cfg.train
-    mesh = make_mesh(cfg.mesh)
+    mesh = make_mesh(cfg.mesh, devices=devices)
     with jax.set_mesh(mesh):
         graphdef, params, _ = init_params(cfg, mesh)
         tx = make_optimizer(tc, params)
@@ -51,7 +57,15 @@ def run_variant(preset: str, overrides: list[str], steps: int, warmup: int, doc_
                           in_shardings=(state_sh, bsh), out_shardings=(state_sh, None), donate_argnums=(0,))
         batches = [{k: jax.device_put(v, bsh) for k, v in
                     synthetic_batch(tc.batch_size, tc.seq_len, cfg.model.vocab_size, doc_len, s).items()}
-                   for s in range(4)]
+                   for s in range(n_batches)]
+    return mesh, step_fn, state, batches
+
+
+def run_variant(preset: str, overrides: list[str], steps: int, warmup: int, doc_len: int) -> dict:
+    cfg = get_preset(preset).override(overrides)
+    tc = cfg.train
+    mesh, step_fn, state, batches = build(cfg, doc_len=doc_len)
+    with jax.set_mesh(mesh):
         t0 = time.perf_counter()
         state, m = step_fn(state, batches[0])
         jax.block_until_ready(m)
@@ -97,6 +111,11 @@ def main() -> int:
     results = []
     for v in args.variant or [""]:
         overrides = [x for x in v.split(",") if x]
+        # Not a config field: the documents-per-row tiers of cuDNN's packed attention, e.g. attn_tiers=4-16.
+        attention_ops.PACKED_SEGMENT_TIERS = DEFAULT_TIERS
+        for o in [o for o in overrides if o.startswith("attn_tiers=")]:
+            attention_ops.PACKED_SEGMENT_TIERS = tuple(int(x) for x in o.split("=")[1].split("-"))
+            overrides.remove(o)
         try:
             r = run_variant(args.preset, overrides, args.steps, args.warmup, args.doc_len)
         except Exception as e:  # keep going: one failing variant must not lose the others

@@ -22,17 +22,25 @@ def rel(a, b):
 def main() -> int:
     print(jax.devices(), jax.__version__)
     worst = 0.0
-    for seed, (b, t, h, kh, d, segs) in enumerate([(2, 512, 8, 8, 64, False), (2, 1024, 12, 4, 64, True),
-                                                     (1, 2048, 16, 2, 128, True), (3, 384, 6, 3, 128, False), (2, 512, 4, 2, 64, 40)]):
+    # segs: None (no segment ids), or the number of documents in every row (one more run in the
+    # last row, padding, from 3 up). 1, 2, 3, 10 and 40 reach each branch of the packed path: tiers 1, 2, 4, 16, then the boolean-mask fallback.
+    cases = [(2, 512, 8, 8, 64, None), (2, 1024, 12, 4, 64, 1), (2, 1024, 12, 4, 64, 2), (1, 2048, 16, 2, 128, 3),
+             (3, 384, 6, 3, 128, None), (2, 512, 4, 2, 64, 10), (2, 512, 4, 2, 64, 40)]
+    for seed, (b, t, h, kh, d, segs) in enumerate(cases):
         ks = jax.random.split(jax.random.key(seed + 100), 4)
         q = jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16)
         k = jax.random.normal(ks[1], (b, t, kh, d), jnp.bfloat16)
         v = jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16)
         seg = None
-        if segs:  # random document boundaries per row
-            cuts = jax.random.uniform(ks[3], (b, t)) < (4.0 if segs is True else segs) / t
-            seg = (jnp.cumsum(cuts, axis=1) + 1).astype(jnp.int32)
-            seg = seg.at[-1, -t // 8:].set(0)  # padding at the end of the last row, as packing makes
+        if segs:  # segs - 1 random document boundaries per row; padding ends the last row
+            rng = np.random.default_rng(seed)
+            seg_np = np.ones((b, t), np.int32)
+            for r in range(b):
+                cuts = rng.choice(np.arange(1, t - t // 8), segs - 1, replace=False)
+                seg_np[r] = np.cumsum(np.isin(np.arange(t), cuts)) + 1
+            if segs > 2:
+                seg_np[-1, -t // 8:] = 0  # trailing padding: one more run in that row
+            seg = jnp.asarray(seg_np)
 
         def loss(fn, q, k, v):
             return (fn(q, k, v).astype(jnp.float32) ** 2).sum()

@@ -437,6 +437,18 @@ PRESETS: dict[str, Config] = {
         train=TrainConfig(steps=2000, batch_size=32, seq_len=2048, lr=6e-4, warmup_steps=100, eval_every=500,
                           eval_batches=4, ckpt_every=500, log_every=20),
     ),
+    # Several GPUs: ~1.0B parameters (d 2048, 18 layers, head_dim 128), sequence 2048. The global
+    # batch of 16 sequences is meant to be split over devices (mesh.fsdp / mesh.data); on one
+    # 80 GB GPU use train.batch_size=8 or train.grad_accum=2.
+    "1b": Config(
+        name="1b",
+        model=ModelConfig(vocab_size=32768, d_model=2048, n_layers=18, n_heads=16, n_kv_heads=16, d_ff=5632,
+                          max_seq_len=2048, dtype="bfloat16", param_dtype="float32"),
+        data=DataConfig(corpus="shakespeare", tokenizer="bpe", bpe_vocab_size=32768),
+        train=TrainConfig(steps=2000, batch_size=16, seq_len=2048, lr=3e-4, warmup_steps=100, eval_every=500,
+                          eval_batches=4, ckpt_every=500, log_every=20),
+        mesh=MeshConfig(data=1, fsdp=-1),
+    ),
 }
 
 

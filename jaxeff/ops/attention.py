@@ -161,7 +161,12 @@ def per_device(fn, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT=None):
                          check_vma=False)(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT)
 
 
-MAX_PACKED_SEGMENTS = 16  # documents per row served by cuDNN's packed layout; rows with more use a mask
+# cuDNN's packed layout treats a batch of B rows as B x M sequences of up to T tokens, and its
+# backward pass keeps a float32 dQ accumulator of B x M x T x H x D: with M = 16 that buffer
+# (3.2 GB per layer for the small preset at batch 32) costs more than the attention itself. So M
+# is picked per batch, from the most documents any row holds, as the smallest of these tiers
+# that fits (1: plain causal attention); rows with more than the last use a boolean mask.
+PACKED_SEGMENT_TIERS = (1, 2, 4, 16)
 
 
 def segment_offsets(segment_ids_BxT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -187,16 +192,23 @@ def segment_offsets(segment_ids_BxT: jax.Array, max_segments: int) -> tuple[jax.
 
 
 def _cudnn_packed(q, k, v, segment_ids_BxT, *, causal: bool, scale: float | None):
-    """Document-masked attention without materialising a [T, S] mask: cuDNN's packed layout when
-    every row holds at most MAX_PACKED_SEGMENTS documents, else cuDNN with a boolean mask."""
+    """Document-masked attention without materialising a [T, S] mask: cuDNN's packed layout with
+    the smallest of PACKED_SEGMENT_TIERS that holds every row's documents (one document per row:
+    plain cuDNN attention), else cuDNN with a boolean mask."""
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention as cudnn_attention
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    offsets, lengths, n_segments_B = segment_offsets(segment_ids_BxT, MAX_PACKED_SEGMENTS)
+    tiers = tuple(sorted(PACKED_SEGMENT_TIERS))
 
-    def packed(q, k, v):
-        return cudnn_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
-                               scale=scale, mask_type=MaskType.PADDING_CAUSAL if causal else MaskType.PADDING)
+    def packed(m):
+        def run(q, k, v):
+            if m == 1:  # every row is one run of equal ids: the segment mask removes nothing
+                return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation="cudnn")
+            offsets, lengths, _ = segment_offsets(segment_ids_BxT, m)
+            return cudnn_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                                   kv_offsets=offsets, scale=scale,
+                                   mask_type=MaskType.PADDING_CAUSAL if causal else MaskType.PADDING)
+        return run
 
     def masked(q, k, v):
         mask = attention_mask(q.shape[1], k.shape[1], causal=causal, q_segment_ids_BxT=segment_ids_BxT,
@@ -205,4 +217,7 @@ def _cudnn_packed(q, k, v, segment_ids_BxT, *, causal: bool, scale: float | None
             return masked_attention_reference(q, k, v, mask, scale=scale)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
 
-    return jax.lax.cond(jnp.all(n_segments_B <= MAX_PACKED_SEGMENTS), packed, masked, q, k, v)
+    seg = segment_ids_BxT
+    most_runs = jnp.max(1 + jnp.sum(seg[:, 1:] != seg[:, :-1], axis=1))
+    branch = jnp.sum(most_runs > jnp.asarray(tiers)).astype(jnp.int32)  # len(tiers): too many for any tier
+    return jax.lax.switch(branch, [packed(m) for m in tiers] + [masked], q, k, v)

@@ -12,7 +12,11 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax
     """
     logits = logits_BxTxV.astype(jnp.float32)
     logz_BxT = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    # The target logit by comparison with an iota rather than a gather: its gradient is then an
+    # elementwise select that fuses with the softmax gradient (one pass writing the logits'
+    # gradient in their own dtype) instead of a scatter into a float32 [B, T, V] buffer.
+    is_target_BxTxV = targets_BxT[..., None] == jnp.arange(logits.shape[-1], dtype=targets_BxT.dtype)
+    target_logit_BxT = jnp.sum(jnp.where(is_target_BxTxV, logits, 0.0), axis=-1)
     nll_BxT = logz_BxT - target_logit_BxT
     if mask_BxT is None:
         mask_BxT = jnp.ones_like(nll_BxT, dtype=bool)

@@ -70,9 +70,11 @@ def init_params(cfg: Config, mesh) -> tuple[Any, Any, Any]:
     """(graphdef, params, shardings): parameters created directly in their shards."""
     graphdef, abstract = abstract_model(cfg)
     shardings = state_shardings(abstract, mesh)
-    make = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(cfg.train.seed)))),
+    # The key is an argument, not a constant: with nothing to read, XLA's GPU compiler tries to
+    # constant-fold the whole random initialisation (minutes for a 1B model).
+    make = jax.jit(lambda key: nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(key)))),
                    out_shardings=shardings)
-    return graphdef, make(), shardings
+    return graphdef, make(jax.random.key(cfg.train.seed)), shardings
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
