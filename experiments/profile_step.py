@@ -146,7 +146,8 @@ def main(argv=None) -> int:
         print(f"  {ms:7.3f} ms  {category(instr.get(op)):20s} {op:28s} {line[:150]}")
     res = {"preset": a.preset, "overrides": a.set, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "wall_ms_per_step": wall_ms, "device_ms_per_step": total, "op_line": key,
-           "by_category_ms": dict(by_cat), "ops_ms": dict(top),
+           "by_category_ms": dict(by_cat), "ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+           "ops_hlo": {op: instr.get(op, "")[:400] for op in ops},
            "lines_ms": {k: sum(v.values()) / a.steps / 1e6 for k, v in lines.items()}}
     with open(os.path.join(a.out, "profile.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import statistics
@@ -89,12 +90,13 @@ def train_run(cfg, devices, batches: list[dict], timed_steps: int) -> dict:
         t0 = time.perf_counter()
         dev_batches = [to_global(b, bsh) for b in batches]
         state, m = step_fn(state, dev_batches[0])
-        losses = [float(m["loss"])]
+        losses = [m["loss"]]
+        jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
         for b in dev_batches[1:]:
             state, m = step_fn(state, b)
-            losses.append(float(m["loss"]))
-        out = {"compile_s": compile_s, "losses": losses}
+            losses.append(m["loss"])
+        out = {"compile_s": compile_s, "losses": [float(x) for x in jax.device_get(losses)]}
         if timed_steps:
             t0 = time.perf_counter()
             for i in range(timed_steps):
@@ -144,8 +146,11 @@ def main(argv=None) -> int:
     base = get_preset(a.preset).override(a.set)
     tc = base.train
     dc = base.data
-    tok_dir = a.tokenizer_dir or f"/tmp/jaxeff_scaling_tok_{dc.tokenizer}{dc.bpe_vocab_size}_{abs(hash(dc.corpus))}"
+    digest = hashlib.sha1(dc.corpus.encode()).hexdigest()[:10]
+    tok_dir = a.tokenizer_dir or f"/tmp/jaxeff_scaling_tok_{dc.tokenizer}{dc.bpe_vocab_size}_{digest}"
     data = prepare_dataset(dc, tc.seq_len, tokenizer_dir=tok_dir)
+    print(f"[scaling] data ready in {time.perf_counter() - start:.0f}s ({tok_dir})", flush=True)
+    start = time.perf_counter()  # --time-limit counts the training runs only
     base = base.override([f"model.vocab_size={data.vocab_size}"])
     flops_tok = model_flops_per_token(base)
     peak = device_peak_flops()
@@ -169,6 +174,37 @@ def main(argv=None) -> int:
     def over_time() -> bool:
         return bool(a.time_limit) and time.perf_counter() - start > a.time_limit
 
+    ref_max = a.ref_max_batch or a.per_device_batch or a.global_batch
+
+    def reference(g: int) -> None:
+        """The one-device loss curve for global batch g (a timed 1-device run of that batch when
+        there is one, else an untimed run with gradient accumulation), once per batch."""
+        if a.no_reference or str(g) in res["references"]:
+            return
+        done = [r for r in res["runs"] if r.get("n_devices") == 1 and r.get("global_batch") == g and "losses" in r]
+        if done:
+            res["references"][str(g)] = {"from": done[0]["layout"], "losses": done[0]["losses"]}
+            return
+        if over_time():
+            print(f"[scaling] time limit reached: no reference for batch {g}", flush=True)
+            return
+        accum = -(-g // ref_max)
+        cfg = base.override(["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", f"train.batch_size={g}",
+                             f"train.grad_accum={accum}"])
+        try:
+            r = train_run(cfg, jax.devices()[:1], batches_for(g), 0)
+            res["references"][str(g)] = {"from": f"1 device, grad_accum={accum}", "losses": r["losses"]}
+        except Exception as e:
+            traceback.print_exc()
+            res["references"][str(g)] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+
+    def compare(r: dict) -> None:
+        ref = res["references"].get(str(r.get("global_batch")), {})
+        if "losses" in r and "losses" in ref:
+            r["max_loss_diff"] = float(np.max(np.abs(np.array(r["losses"]) - np.array(ref["losses"]))))
+
+    # Layouts in the given order; a multi-device layout is followed by its loss reference (so a
+    # run cut short still has curves to compare), a 1-device layout is its own reference.
     for (n, axes, fixed_batch), spec in zip(layouts, a.layout or ["1:data=1"]):
         if over_time():
             print(f"[scaling] time limit reached: skipping {spec}", flush=True)
@@ -186,36 +222,17 @@ def main(argv=None) -> int:
             r["tokens_per_s_per_device"] = r["tokens_per_s"] / n
             r["mfu"] = mfu(flops_tok, r["tokens_per_s"], n, peak)
         res["runs"].append(r)
+        if "losses" in r:
+            reference(g)
+            compare(r)
         save()
-        tps = f"{r['tokens_per_s']:,.0f} tok/s ({r['tokens_per_s_per_device']:,.0f}/GPU)" if "tokens_per_s" in r else r.get("error", "")
+        tps = (f"{r['tokens_per_s']:,.0f} tok/s ({r['tokens_per_s_per_device']:,.0f}/GPU)" if "tokens_per_s" in r
+               else r.get("error", ""))
         print(f"[scaling] {spec:22s} batch {g:4d}: {tps}  compile {r.get('compile_s', 0):.0f}s  "
-              f"peak {r.get('peak_gb', 0):.1f} GB  loss {r.get('losses', [0])[-1]:.4f}", flush=True)
-
-    # One-device references for the loss curves (no timing).
-    if not a.no_reference:
-        ref_max = a.ref_max_batch or a.per_device_batch or a.global_batch
-        for g in sorted({r["global_batch"] for r in res["runs"] if "losses" in r}):
-            if over_time():
-                print(f"[scaling] time limit reached: no reference for batch {g}", flush=True)
-                continue
-            done = [r for r in res["runs"] if r.get("n_devices") == 1 and r.get("global_batch") == g and "losses" in r]
-            if done:
-                res["references"][str(g)] = {"from": done[0]["layout"], "losses": done[0]["losses"]}
-            else:
-                accum = -(-g // ref_max)
-                cfg = base.override(["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", f"train.batch_size={g}",
-                                     f"train.grad_accum={accum}"])
-                try:
-                    r = train_run(cfg, jax.devices()[:1], batches_for(g), 0)
-                    res["references"][str(g)] = {"from": f"1 device, grad_accum={accum}", "losses": r["losses"]}
-                except Exception as e:
-                    traceback.print_exc()
-                    res["references"][str(g)] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-            save()
-        for r in res["runs"]:
-            ref = res["references"].get(str(r.get("global_batch")), {})
-            if "losses" in r and "losses" in ref:
-                r["max_loss_diff"] = float(np.max(np.abs(np.array(r["losses"]) - np.array(ref["losses"]))))
+              f"peak {r.get('peak_gb', 0):.1f} GB  loss {r.get('losses', [0])[-1]:.4f}  "
+              f"max |loss - reference| {r.get('max_loss_diff', float('nan')):.4f}", flush=True)
+    for r in res["runs"]:  # a 1-device run listed after others of its batch replaces nothing; recompare
+        compare(r)
     # Each run against the one-device run of its own per-device batch (weak scaling: efficiency =
     # tokens/s per device over that run's tokens/s) and of its own global batch (speed-up).
     one = {r["global_batch"]: r for r in res["runs"] if r.get("n_devices") == 1 and "tokens_per_s" in r}

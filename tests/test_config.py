@@ -67,7 +67,7 @@ def test_mesh_resolve():
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match=r"'nope'.*unknown preset.*available: \['small', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"'nope'.*unknown preset.*available: \['1b', 'small', 'tiny'\]"):
         get_preset("nope")
 
 
@@ -85,6 +85,7 @@ def test_presets_construct_and_count_parameters(name):
 
 def test_small_preset_is_about_138m_parameters():
     assert 130e6 < get_preset("small").model.param_count() < 145e6
+    assert 0.95e9 < get_preset("1b").model.param_count() < 1.05e9
 
 
 @pytest.mark.parametrize("item, match", [

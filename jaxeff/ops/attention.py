@@ -210,6 +210,10 @@ def _cudnn_packed(q, k, v, segment_ids_BxT, *, causal: bool, scale: float | None
                                    mask_type=MaskType.PADDING_CAUSAL if causal else MaskType.PADDING)
         return run
 
+    # Rematerialised: otherwise the [B, 1, T, S] mask is a residual of the switch, which every
+    # branch must then return (zero-filled), costing a write of that size per layer and step
+    # even though this fallback almost never runs.
+    @jax.checkpoint
     def masked(q, k, v):
         mask = attention_mask(q.shape[1], k.shape[1], causal=causal, q_segment_ids_BxT=segment_ids_BxT,
                               batch=q.shape[0])
@@ -217,7 +221,13 @@ def _cudnn_packed(q, k, v, segment_ids_BxT, *, causal: bool, scale: float | None
             return masked_attention_reference(q, k, v, mask, scale=scale)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
 
+    branch = packed_tier(segment_ids_BxT, tiers)
+    return jax.lax.switch(branch, [packed(m) for m in tiers] + [masked], q, k, v)
+
+
+def packed_tier(segment_ids_BxT: jax.Array, tiers: tuple[int, ...]) -> jax.Array:
+    """Index of the smallest of the ascending ``tiers`` that is >= the most runs of equal segment
+    ids in any row (padding counts as a run); ``len(tiers)`` when no tier holds them."""
     seg = segment_ids_BxT
     most_runs = jnp.max(1 + jnp.sum(seg[:, 1:] != seg[:, :-1], axis=1))
-    branch = jnp.sum(most_runs > jnp.asarray(tiers)).astype(jnp.int32)  # len(tiers): too many for any tier
-    return jax.lax.switch(branch, [packed(m) for m in tiers] + [masked], q, k, v)
+    return jnp.sum(most_runs > jnp.asarray(tiers)).astype(jnp.int32)

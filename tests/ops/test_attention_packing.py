@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxeff.config import MeshConfig
-from jaxeff.ops.attention import attention_reference, per_device, segment_offsets
+from jaxeff.ops.attention import attention_reference, packed_tier, per_device, segment_offsets
 from jaxeff.parallel import make_mesh
 
 
@@ -53,3 +53,17 @@ def test_per_device_equals_unsharded(mesh_cfg):
     with jax.set_mesh(make_mesh(mesh_cfg)):
         got = jax.jit(lambda q_, k_, s_: per_device(fn, q_, k_, k_, s_))(q, k, seg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_packed_tier_picks_the_smallest_tier_that_holds_every_row(seed):
+    rng = np.random.default_rng(seed)
+    tiers = (1, 2, 4, 16)
+    for _ in range(20):
+        b, t = rng.integers(1, 5), rng.integers(2, 40)
+        seg = np.cumsum(rng.random((b, t)) < rng.uniform(0, 0.6), axis=1) + 1
+        if rng.random() < 0.3:
+            seg[-1, -rng.integers(1, t):] = 0  # trailing padding: a run of its own
+        most = max(len(runs_of(list(row))) for row in seg)
+        want = next((i for i, m in enumerate(tiers) if most <= m), len(tiers))
+        assert int(packed_tier(jnp.asarray(seg, jnp.int32), tiers)) == want

@@ -92,3 +92,22 @@ def test_next_token_mask_hand_example():
     out = next_token_mask(seg)
     assert out.shape == (2, 6) and out.dtype == jnp.bool_
     np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cross_entropy_gradient_is_softmax_minus_onehot(dtype):
+    """d loss / d logits = mask * (softmax - onehot(target)) / count, returned in the logits' dtype."""
+    rng = np.random.default_rng(7)
+    b, t, v = 3, 5, 37
+    logits = rng.normal(size=(b, t, v)).astype(np.float32) * 3
+    targets = rng.integers(0, v, (b, t))
+    mask = rng.random((b, t)) < 0.7
+    lg = jnp.asarray(logits, dtype)
+    grad = jax.grad(lambda x: cross_entropy(x, jnp.asarray(targets), jnp.asarray(mask))[0])(lg)
+    assert grad.dtype == dtype
+    x = np.asarray(lg.astype(jnp.float32), np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = (p - np.eye(v)[targets]) * mask[..., None] / mask.sum()
+    tol = 1e-6 if dtype == jnp.float32 else 2e-3
+    np.testing.assert_allclose(np.asarray(grad, np.float64), want, atol=tol)
