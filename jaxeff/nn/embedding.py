@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff.nn.params import param
+from jaxeff.parallel import constrain
 
 
 class Embedding(nnx.Module):
@@ -13,7 +14,11 @@ class Embedding(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-        return jnp.take(self.table[...], tokens_BxT, axis=0).astype(self.dtype)
+        # The lookup reads a whole (gathered) table, as FSDP does for every weight: XLA cannot
+        # gather rows of a table split over vocab and embed into batch-split activations without
+        # replicating the activations instead (in float32, and larger than the table).
+        table_VxD = constrain(self.table[...], (None, None))
+        return jnp.take(table_VxD, tokens_BxT, axis=0).astype(self.dtype)
 
     def attend(self, x_BxTxD: jax.Array) -> jax.Array:
         """Logits against the embedding table (weight tying, Press & Wolf, 2017)."""

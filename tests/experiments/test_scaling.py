@@ -44,3 +44,6 @@ def test_layouts_match_one_device_loss_curves(tmp_path):
         assert len(x["losses"]) == 3 and x["tokens_per_s"] > 0
         assert x["max_loss_diff"] < 1e-4, x["layout"]  # float32 tiny model: same maths, any layout
     assert runs["2:data=2"]["per_device_efficiency"] > 0  # against 1:data=1, the same batch per device
+    plot = _load("plot_scaling")
+    assert plot.main([str(out), "--out", str(tmp_path / "scaling.png")]) == 0
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
