@@ -12,6 +12,7 @@ from a second, individually blocked pass. Writes a JSON list of results.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import statistics
@@ -31,6 +32,7 @@ from jaxeff.train.step import init_state, make_train_step
 
 attention_ops = importlib.import_module("jaxeff.ops.attention")  # the module (jaxeff.ops.attention is the function)
 DEFAULT_TIERS = attention_ops.PACKED_SEGMENT_TIERS
+mlp_module, mlp_ops = importlib.import_module("jaxeff.nn.mlp"), importlib.import_module("jaxeff.ops.mlp")
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, doc_len: int, seed: int) -> dict[str, np.ndarray]:
@@ -116,11 +118,17 @@ def main() -> int:
         for o in [o for o in overrides if o.startswith("attn_tiers=")]:
             attention_ops.PACKED_SEGMENT_TIERS = tuple(int(x) for x in o.split("=")[1].split("-"))
             overrides.remove(o)
+        # Nor this: swiglu_fused=1 runs the MLP's gate and up projections as one matmul.
+        mlp_module.swiglu = mlp_ops.swiglu
+        for o in [o for o in overrides if o.startswith("swiglu_fused=")]:
+            mlp_module.swiglu = functools.partial(mlp_ops.swiglu, fuse_gate_up=o.split("=")[1] not in ("0", "false"))
+            overrides.remove(o)
         try:
             r = run_variant(args.preset, overrides, args.steps, args.warmup, args.doc_len)
         except Exception as e:  # keep going: one failing variant must not lose the others
             traceback.print_exc()
             r = {"preset": args.preset, "overrides": overrides, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        r["variant"] = v  # with the pseudo-overrides (attn_tiers, swiglu_fused)
         results.append(r)
         print(json.dumps(r), flush=True)
         with open(args.out, "w") as f:
@@ -128,11 +136,11 @@ def main() -> int:
     print(f"\n{'variant':60s} {'dev':>3s} {'tok/s':>10s} {'tok/s/dev':>10s} {'MFU':>6s} {'step ms':>8s} {'GB':>5s}")
     for r in results:
         if "error" in r:
-            print(f"{','.join(r['overrides'])[:60]:60s} ERROR {r['error'][:80]}")
+            print(f"{r['variant'][:60]:60s} ERROR {r['error'][:80]}")
             continue
         u = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         gb = f"{r['peak_bytes'] / 2**30:.1f}" if r.get("peak_bytes") else "-"
-        print(f"{','.join(r['overrides'])[:60]:60s} {r['devices']:3d} {r['tokens_per_s']:10,.0f} "
+        print(f"{r['variant'][:60]:60s} {r['devices']:3d} {r['tokens_per_s']:10,.0f} "
               f"{r['tokens_per_s_per_device']:10,.0f} {u:>6s} {1e3 * r['step_s_median']:8.1f} {gb:>5s}")
     return 0
 
