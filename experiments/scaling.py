@@ -40,13 +40,14 @@ import traceback
 import jax
 import numpy as np
 
-from jaxeff.config import get_preset
-from jaxeff.data.pipeline import prepare_dataset
-from jaxeff.parallel import batch_sharding, make_mesh
-from jaxeff.train.flops import device_peak_flops, mfu
-from jaxeff.train.loop import init_params, model_flops_per_token, to_global
-from jaxeff.train.optimizer import make_optimizer
-from jaxeff.train.step import init_state, make_train_step
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import build  # noqa: E402
+
+from jaxeff.config import get_preset  # noqa: E402
+from jaxeff.data.pipeline import prepare_dataset  # noqa: E402
+from jaxeff.parallel import batch_sharding  # noqa: E402
+from jaxeff.train.flops import device_peak_flops, mfu  # noqa: E402
+from jaxeff.train.loop import model_flops_per_token, to_global  # noqa: E402
 
 MESH_KEYS = ("data", "fsdp", "tensor")
 
@@ -77,16 +78,9 @@ def parse_layout(spec: str) -> tuple[int, dict[str, int], int | None]:
 def train_run(cfg, devices, batches: list[dict], timed_steps: int) -> dict:
     """Trains on ``batches`` (recording each step's loss), then times ``timed_steps`` more steps."""
     tc = cfg.train
-    mesh = make_mesh(cfg.mesh, devices=devices)
+    mesh, step_fn, state, _ = build(cfg, devices=devices, n_batches=0)
     with jax.set_mesh(mesh):
-        graphdef, params, _ = init_params(cfg, mesh)
-        tx = make_optimizer(tc, params)
-        state = jax.jit(lambda p: init_state(p, tx))(params)
-        del params
-        state_sh = jax.tree.map(lambda x: x.sharding, state)
         bsh = batch_sharding(mesh)
-        step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=tc.grad_accum, mask_documents=tc.mask_documents),
-                          in_shardings=(state_sh, bsh), out_shardings=(state_sh, None), donate_argnums=(0,))
         t0 = time.perf_counter()
         dev_batches = [to_global(b, bsh) for b in batches]
         state, m = step_fn(state, dev_batches[0])
