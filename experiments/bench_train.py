@@ -63,6 +63,24 @@ def build(cfg, devices=None, doc_len: int = 1_000_000, n_batches: int = 4):
     return mesh, step_fn, state, batches
 
 
+def time_steps(step_fn, state, batches: list, steps: int, individual: int):
+    """Runs ``steps`` steps cycling over ``batches`` and blocks once at the end (the wall time
+    gives tokens/s), then ``individual`` more, each blocked (their times give a median step).
+    Returns (state, last metrics, wall seconds, per-step seconds)."""
+    t0 = time.perf_counter()
+    for i in range(steps):
+        state, m = step_fn(state, batches[i % len(batches)])
+    jax.block_until_ready(m)
+    wall = time.perf_counter() - t0
+    per_step = []
+    for i in range(individual):
+        t1 = time.perf_counter()
+        state, m = step_fn(state, batches[i % len(batches)])
+        jax.block_until_ready(m)
+        per_step.append(time.perf_counter() - t1)
+    return state, m, wall, per_step
+
+
 def run_variant(preset: str, overrides: list[str], steps: int, warmup: int, doc_len: int) -> dict:
     cfg = get_preset(preset).override(overrides)
     tc = cfg.train
@@ -75,17 +93,7 @@ def run_variant(preset: str, overrides: list[str], steps: int, warmup: int, doc_
         for i in range(warmup):
             state, m = step_fn(state, batches[i % 4])
         jax.block_until_ready(m)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            state, m = step_fn(state, batches[i % 4])
-        jax.block_until_ready(m)
-        wall = time.perf_counter() - t0
-        per_step = []
-        for i in range(min(steps, 10)):
-            t1 = time.perf_counter()
-            state, m = step_fn(state, batches[i % 4])
-            jax.block_until_ready(m)
-            per_step.append(time.perf_counter() - t1)
+        state, m, wall, per_step = time_steps(step_fn, state, batches, steps, min(steps, 10))
         loss = float(m["loss"])
     tokens = tc.batch_size * tc.seq_len
     tok_s = tokens * steps / wall

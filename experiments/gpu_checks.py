@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.ops import attention, attention_reference
+from jaxeff.ops.attention import PACKED_SEGMENT_TIERS, packed_tier
 
 
 def rel(a, b):
@@ -23,7 +24,8 @@ def main() -> int:
     print(jax.devices(), jax.__version__)
     worst = 0.0
     # segs: None (no segment ids), or the number of documents in every row (one more run in the
-    # last row, padding, from 3 up). 1, 2, 3, 10 and 40 reach each branch of the packed path: tiers 1, 2, 4, 16, then the boolean-mask fallback.
+    # last row, padding, from 3 up). 1, 2, 3, 10 and 40 reach each branch of the packed path:
+    # tiers 1, 2, 4, 16, then the boolean-mask fallback (the printed branch index says which).
     cases = [(2, 512, 8, 8, 64, None), (2, 1024, 12, 4, 64, 1), (2, 1024, 12, 4, 64, 2), (1, 2048, 16, 2, 128, 3),
              (3, 384, 6, 3, 128, None), (2, 512, 4, 2, 64, 10), (2, 512, 4, 2, 64, 40)]
     for seed, (b, t, h, kh, d, segs) in enumerate(cases):
@@ -53,7 +55,8 @@ def main() -> int:
         g_r = jax.jit(jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2)))(q, k, v)
         errs = [rel(out_f, out_r)] + [rel(a, b_) for a, b_ in zip(g_f, g_r)]
         worst = max(worst, *errs)
-        print(f"cudnn attention B{b} T{t} H{h} K{kh} D{d} segments={segs}: fwd {errs[0]:.2e} "
+        branch = "-" if seg is None else int(packed_tier(seg, PACKED_SEGMENT_TIERS))
+        print(f"cudnn attention B{b} T{t} H{h} K{kh} D{d} segments={segs} branch={branch}: fwd {errs[0]:.2e} "
               f"dq {errs[1]:.2e} dk {errs[2]:.2e} dv {errs[3]:.2e}")
     if len(jax.devices()) > 1:  # the same call sharded over the batch must give the same result
         from jax.sharding import NamedSharding, PartitionSpec as P

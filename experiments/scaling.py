@@ -41,7 +41,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import build  # noqa: E402
+from bench_train import build, time_steps  # noqa: E402
 
 from jaxeff.config import get_preset  # noqa: E402
 from jaxeff.data.pipeline import prepare_dataset  # noqa: E402
@@ -92,17 +92,7 @@ def train_run(cfg, devices, batches: list[dict], timed_steps: int) -> dict:
             losses.append(m["loss"])
         out = {"compile_s": compile_s, "losses": [float(x) for x in jax.device_get(losses)]}
         if timed_steps:
-            t0 = time.perf_counter()
-            for i in range(timed_steps):
-                state, m = step_fn(state, dev_batches[i % len(dev_batches)])
-            jax.block_until_ready(m)
-            wall = time.perf_counter() - t0
-            per_step = []
-            for i in range(min(timed_steps, 5)):
-                t1 = time.perf_counter()
-                state, m = step_fn(state, dev_batches[i % len(dev_batches)])
-                jax.block_until_ready(m)
-                per_step.append(time.perf_counter() - t1)
+            state, m, wall, per_step = time_steps(step_fn, state, dev_batches, timed_steps, min(timed_steps, 5))
             tokens = tc.batch_size * tc.seq_len
             out.update(step_s_mean=wall / timed_steps, step_s_median=statistics.median(per_step),
                        tokens_per_s=tokens * timed_steps / wall)
@@ -225,8 +215,6 @@ def main(argv=None) -> int:
         print(f"[scaling] {spec:22s} batch {g:4d}: {tps}  compile {r.get('compile_s', 0):.0f}s  "
               f"peak {r.get('peak_gb', 0):.1f} GB  loss {r.get('losses', [0])[-1]:.4f}  "
               f"max |loss - reference| {r.get('max_loss_diff', float('nan')):.4f}", flush=True)
-    for r in res["runs"]:  # a 1-device run listed after others of its batch replaces nothing; recompare
-        compare(r)
     # Each run against the one-device run of its own per-device batch (weak scaling: efficiency =
     # tokens/s per device over that run's tokens/s) and of its own global batch (speed-up).
     one = {r["global_batch"]: r for r in res["runs"] if r.get("n_devices") == 1 and "tokens_per_s" in r}

@@ -32,6 +32,15 @@ def test_categories_and_hlo_lines():
     assert mod.category(None) == "unknown"
 
 
+def test_pick_op_line_prefers_xla_ops_then_the_busiest_stream():
+    mod = _load()
+    lines = {"/device:GPU:0 | Stream #14(Compute)": {"a": 5.0}, "/device:GPU:0 | Stream #20(Compute)": {"b": 9.0},
+             "/device:GPU:0 | XLA Modules": {"jit_step": 20.0}}
+    assert mod.pick_op_line(lines) == "/device:GPU:0 | Stream #20(Compute)"
+    assert mod.pick_op_line({**lines, "/device:GPU:0 | XLA Ops": {"fusion.1": 3.0}}) == "/device:GPU:0 | XLA Ops"
+    assert mod.pick_op_line({"/device:GPU:0 | XLA Modules": {"jit_step": 1.0}}) is None
+
+
 def test_profile_step_runs_on_cpu(tmp_path):
     mod = _load()
     assert mod.main(["--preset", "tiny", "--set", "model.n_layers=1", "--set", "train.batch_size=2",
