@@ -30,13 +30,13 @@ def _as_ints(ids: Iterable[int], vocab_size: int) -> list[int]:
     return out
 
 
-
 def _write_atomic(path: Path, write) -> None:
     """``write(tmp)`` then rename over ``path``: readers (other processes of a multi-host run that
     save the same tokenizer at once) never see a half-written file."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
+
 
 class Tokenizer(abc.ABC):
     """What the rest of jaxeff relies on: ids in ``[0, vocab_size)``, bos/eos ids, persistence."""
