@@ -75,8 +75,9 @@ def parse_layout(spec: str) -> tuple[int, dict[str, int], int | None]:
     return n, axes, batch
 
 
-def train_run(cfg, devices, batches: list[dict], timed_steps: int) -> dict:
-    """Trains on ``batches`` (recording each step's loss), then times ``timed_steps`` more steps."""
+def train_run(cfg, devices, batches: list[dict], timed_steps: int, log=None) -> dict:
+    """Trains on ``batches`` (recording each step's loss), then times ``timed_steps`` more steps;
+    ``log(message)``, if given, hears when the first step has compiled."""
     tc = cfg.train
     mesh, step_fn, state, _ = build(cfg, devices=devices, n_batches=0)
     with jax.set_mesh(mesh):
@@ -87,6 +88,8 @@ def train_run(cfg, devices, batches: list[dict], timed_steps: int) -> dict:
         losses = [m["loss"]]
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
+        if log:
+            log(f"first step compiled and ran in {compile_s:.0f}s")
         for b in dev_batches[1:]:
             state, m = step_fn(state, b)
             losses.append(m["loss"])
@@ -155,6 +158,9 @@ def main(argv=None) -> int:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
 
+    def log(msg: str) -> None:  # elapsed seconds first, so a stalled call shows where it stopped
+        print(f"[scaling] {time.perf_counter() - start:5.0f}s {msg}", flush=True)
+
     def over_time() -> bool:
         return bool(a.time_limit) and time.perf_counter() - start > a.time_limit
 
@@ -175,8 +181,9 @@ def main(argv=None) -> int:
         accum = -(-g // ref_max)
         cfg = base.override(["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", f"train.batch_size={g}",
                              f"train.grad_accum={accum}"])
+        log(f"reference for batch {g} (1 device, grad_accum={accum})")
         try:
-            r = train_run(cfg, jax.devices()[:1], batches_for(g), 0)
+            r = train_run(cfg, jax.devices()[:1], batches_for(g), 0, log)
             res["references"][str(g)] = {"from": f"1 device, grad_accum={accum}", "losses": r["losses"]}
         except Exception as e:
             traceback.print_exc()
@@ -196,8 +203,9 @@ def main(argv=None) -> int:
             continue
         g = fixed_batch or global_batch(n)
         cfg = base.override([f"mesh.{k}={v}" for k, v in axes.items()] + [f"train.batch_size={g}"])
+        log(f"start {spec} (batch {g})")
         try:
-            r = train_run(cfg, jax.devices()[:n], batches_for(g), a.timed_steps)
+            r = train_run(cfg, jax.devices()[:n], batches_for(g), a.timed_steps, log)
         except Exception as e:  # keep going: one failing layout must not lose the others
             traceback.print_exc()
             r = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
