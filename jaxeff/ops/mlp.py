@@ -12,8 +12,8 @@ def swiglu(x_BxTxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array, w_dow
     new axis ([D, 2, F]: a tensor-parallel split of F stays a split of each weight). The backward
     pass then writes the gradient of both projections in one elementwise pass and needs one matmul
     for the input's gradient, instead of reading the hidden activations twice. Same values as the
-    two-matmul form (the default) up to the matmul's summation order. Off by default until its
-    speed is measured on a GPU (``experiments/bench_train.py --variant ...,swiglu_fused=1``).
+    two-matmul form (the default) up to the matmul's summation order. Off by default: on one H100
+    it ran the ``small`` preset's step 0.1% faster, inside the noise (BENCHMARKS.md).
     """
     if fuse_gate_up:
         w_Dx2xF = jnp.stack([w_gate_DxF, w_up_DxF], axis=1)
