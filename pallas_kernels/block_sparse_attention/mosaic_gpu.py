@@ -156,6 +156,45 @@ def element_mask(cfg: _Cfg, index_fn, b, h, row0, col0, shape, transposed, qseg=
     return allowed
 
 
+def stream_kv(cfg: _Cfg, batch, head, kv_head, qb, n, n_full, fidx, pidx, gmem, smem, bars):
+    """The memory warpgroup of the forward and dQ kernels: for each step of the query block's
+    lists (full, then partial) TMA the K and V blocks into ring slot step % stages once both
+    compute warpgroups released it; partial steps also bring the key segment ids and the dense
+    mask tile (one "extras" barrier per slot)."""
+    k_ref, v_ref, kvseg_ref, dense_ref = gmem
+    k_smem, v_smem, kvseg_smem, dense_smem = smem
+    k_bar, v_bar, x_bar, k_used, v_used = bars
+    bk, stages = cfg.block_kv, cfg.stages
+
+    @pl.loop(0, n)
+    def _(step):
+        slot = lax.rem(step, jnp.int32(stages))
+        kvb = list_index(n_full, fidx, pidx, step, cfg.n_kv)
+        rows = pl.ds(kvb * bk, bk)
+
+        @pl.when(step >= stages)
+        def _():
+            plgpu.barrier_wait(k_used.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_bar.at[slot])
+        if cfg.has_extra:
+            @pl.when(step >= n_full)
+            def _():
+                if cfg.has_segments:
+                    plgpu.copy_gmem_to_smem(kvseg_ref.at[batch, rows], kvseg_smem.at[slot], x_bar.at[slot])
+                if cfg.has_dense:
+                    db = batch if cfg.dense_bm > 1 else 0
+                    dh = head if cfg.dense_hm > 1 else 0
+                    plgpu.copy_gmem_to_smem(dense_ref.at[db, dh, pl.ds(qb * BLOCK_Q, BLOCK_Q), rows],
+                                            dense_smem.at[slot], x_bar.at[slot])
+
+        @pl.when(step >= stages)
+        def _():
+            plgpu.barrier_wait(v_used.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
+
+    drain_consumed(n, stages, k_used, v_used)
+
+
 def drain_consumed(n, stages, *used_barriers):
     """The memory warpgroup observes the last ``stages`` consumed-barrier phases it did not wait
     for while streaming, so every barrier phase is observed before the barriers go away."""
@@ -305,34 +344,8 @@ def _fwd_call(cfg: _Cfg, index_fn, score_mod, q, k, v, lists, qseg, kvseg, dense
             @pl.when(wg == 2)
             def _memory():
                 plgpu.set_max_registers(40, action="decrease")
-
-                @pl.loop(0, n)
-                def _(step):
-                    slot = lax.rem(step, jnp.int32(stages))
-                    kvb = list_index(n_full, fidx, pidx, step, cfg.n_kv)
-                    rows = pl.ds(kvb * bk, bk)
-
-                    @pl.when(step >= stages)
-                    def _():
-                        plgpu.barrier_wait(k_used.at[slot])
-                    plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_bar.at[slot])
-                    if cfg.has_extra:
-                        @pl.when(step >= n_full)
-                        def _():
-                            if cfg.has_segments:
-                                plgpu.copy_gmem_to_smem(kvseg_ref.at[batch, rows], kvseg_smem.at[slot], x_bar.at[slot])
-                            if cfg.has_dense:
-                                db = batch if cfg.dense_bm > 1 else 0
-                                dh = head if cfg.dense_hm > 1 else 0
-                                plgpu.copy_gmem_to_smem(dense_ref.at[db, dh, pl.ds(qb * BLOCK_Q, BLOCK_Q), rows],
-                                                        dense_smem.at[slot], x_bar.at[slot])
-
-                    @pl.when(step >= stages)
-                    def _():
-                        plgpu.barrier_wait(v_used.at[slot])
-                    plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
-
-                drain_consumed(n, stages, k_used, v_used)
+                stream_kv(cfg, batch, head, kv_head, qb, n, n_full, fidx, pidx, (k_ref, v_ref, kvseg_ref, dense_ref),
+                          (k_smem, v_smem, kvseg_smem, dense_smem), (k_bar, v_bar, x_bar, k_used, v_used))
 
         n_extra = int(cfg.has_segments) + int(cfg.has_dense)
         scratch = [
