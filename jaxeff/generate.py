@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,35 +22,55 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature: float, top
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "temperature", "top_k"))
-def _generate(graphdef, state, tokens_BxP, lengths_B, key, *, max_new_tokens, capacity, temperature, top_k):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "temperature", "top_k",
+                                             "cache_transform", "transform_every"))
+def _generate(graphdef, state, tokens_BxP, lengths_B, key, *, max_new_tokens, capacity, temperature, top_k,
+              cache_transform, transform_every):
     model = nnx.merge(graphdef, state)
     b = tokens_BxP.shape[0]
+    rows = 0 if cache_transform is None else cache_transform.stats_rows
     cache = model.init_cache(b, capacity)
-    logits_BxPxV, cache = model.extend(tokens_BxP, cache, valid_lengths=lengths_B)
+    logits_BxPxV, cache, stats = model.extend(tokens_BxP, cache, valid_lengths=lengths_B, stats_rows=rows)
+    tstate = ()
+    if cache_transform is not None:
+        cache, tstate = cache_transform(cache, cache_transform.init(cache), stats)
     last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     keys = jax.random.split(key, max_new_tokens)
     first_B = sample_logits(last_BxV, keys[0], temperature, top_k)
 
-    def step(carry, key_i):
-        tok_B, cache = carry
-        logits_Bx1xV, cache = model.extend(tok_B[:, None], cache)
+    def step(carry, xs):
+        tok_B, cache, tstate = carry
+        key_i, i = xs
+        logits_Bx1xV, cache, stats = model.extend(tok_B[:, None], cache, stats_rows=rows)
+        if cache_transform is not None and transform_every:
+            cache, tstate = jax.lax.cond(i % transform_every == 0, lambda c, s: cache_transform(c, s, stats),
+                                         lambda c, s: (c, s), cache, tstate)
         nxt_B = sample_logits(logits_Bx1xV[:, 0], key_i, temperature, top_k)
-        return (nxt_B, cache), tok_B
+        return (nxt_B, cache, tstate), tok_B
 
-    (last_B, _), toks_NxB = jax.lax.scan(step, (first_B, cache), keys[1:])
+    steps = jnp.arange(1, max_new_tokens, dtype=jnp.int32)  # decode steps done after this one
+    (last_B, _, _), toks_NxB = jax.lax.scan(step, (first_B, cache, tstate), (keys[1:], steps))
     return jnp.concatenate([toks_NxB.T, last_B[:, None]], axis=1)
 
 
 def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             seed: int = 0, eos_id: int | None = None):
+             seed: int = 0, eos_id: int | None = None, cache_transform=None, transform_every: int | None = None):
     """Continues each prompt by ``max_new_tokens`` tokens.
 
     ``prompt_tokens``: a list of token ids, a list of such lists (lengths may differ), or an int
     array [B, P]. Returns the prompts followed by their continuations, in the same form (for an
     array, an array [B, P + max_new_tokens]). With ``eos_id``, a continuation is cut after its
     first end-of-sequence token (list forms only).
+
+    ``model`` is any :class:`jaxeff.models.decoder.Decoder`. ``cache_transform`` (a
+    :class:`jaxeff.kv.transform.CacheTransform`) is applied to the cache after the prompt and,
+    with ``transform_every=k``, after every k-th decode step, inside the same compiled loop.
     """
+    if transform_every is not None and (isinstance(transform_every, bool) or not isinstance(transform_every, int)
+                                        or transform_every < 1):
+        raise ValueError(f"generate: transform_every must be an integer >= 1 or None, got {transform_every!r}")
+    if transform_every is not None and cache_transform is None:
+        raise ValueError("generate: transform_every needs a cache_transform")
     as_array = isinstance(prompt_tokens, (np.ndarray, jax.Array))
     single = (not as_array and bool(prompt_tokens)
               and all(isinstance(t, (int, np.integer)) for t in prompt_tokens))
@@ -64,18 +85,27 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
         prompts = [list(map(int, p)) for p in prompt_tokens]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"generate: top_k must be >= 1 or None, got {top_k}")
+    # Checked here, eagerly, naming the value: inside jit nothing can be (JAX clamps or wraps
+    # out-of-range gather indices instead of raising: an id >= vocab_size reads a NaN-filled
+    # embedding row, a negative id wraps around, -1 to the last row).
     cfg = model.cfg
     vocab = cfg.vocab_size
-    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"generate: prompt token {bad[0]} is outside the vocabulary [0, {vocab})")
+    for i, p in enumerate(prompts):
+        for j, t in enumerate(p):
+            if not 0 <= t < vocab:
+                where = f"prompt {i}, position {j}" if len(prompts) > 1 else f"position {j}"
+                raise ValueError(f"generate: prompt token {t} is outside the vocabulary [0, {vocab}) ({where})")
     longest = max(len(p) for p in prompts)
+    if longest >= cfg.max_seq_len:
+        raise ValueError(f"generate: the prompt is {longest} tokens, which leaves no room below the model's "
+                         f"max_seq_len {cfg.max_seq_len}; shorten it to at most {cfg.max_seq_len - 1} tokens")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number))
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"generate: temperature must be >= 0 and finite, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"generate: top_k must be >= 1 or None, got {top_k!r}")
     capacity = longest + max_new_tokens
     if capacity > cfg.max_seq_len:
         raise ValueError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
@@ -87,7 +117,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
     graphdef, state = nnx.split(model)
     new = np.asarray(_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
                                max_new_tokens=max_new_tokens, capacity=capacity, temperature=float(temperature),
-                               top_k=top_k))
+                               top_k=top_k, cache_transform=cache_transform, transform_every=transform_every))
     if as_array:
         return np.concatenate([np.asarray(prompt_tokens), new], axis=1)
     out = []

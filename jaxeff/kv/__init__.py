@@ -1,6 +1,7 @@
-"""KV caches for decoding."""
+"""KV caches for decoding, and the transforms applied to them inside the decode loop."""
 
-from jaxeff.kv.cache import KVCache, write_rows
+from jaxeff.kv.cache import KVCache, LayerKV
 from jaxeff.kv.recursive_cache import RecursiveCache
+from jaxeff.kv.transform import CacheTransform, IdentityTransform
 
-__all__ = ["KVCache", "RecursiveCache", "write_rows"]
+__all__ = ["CacheTransform", "IdentityTransform", "KVCache", "LayerKV", "RecursiveCache"]

@@ -1,8 +1,10 @@
 """Models composed from jaxeff.nn modules."""
 
+from jaxeff.models.decoder import Decoder
+from jaxeff.models.factory import abstract_model, build_model, count_params
 from jaxeff.models.recursive import RecursiveTransformer, layer_sources, sharing_map
 from jaxeff.models.recursive_convert import convert_from_vanilla, convert_run, convert_transformer
 from jaxeff.models.transformer import Transformer
 
-__all__ = ["RecursiveTransformer", "Transformer", "convert_from_vanilla", "convert_run", "convert_transformer", "layer_sources",
-           "sharing_map"]
+__all__ = ["Decoder", "RecursiveTransformer", "Transformer", "abstract_model", "build_model", "convert_from_vanilla",
+           "convert_run", "convert_transformer", "count_params", "layer_sources", "sharing_map"]

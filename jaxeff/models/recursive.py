@@ -24,11 +24,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff.config import ModelConfig, RecursionConfig
-from jaxeff.kv.recursive_cache import RecursiveCache, compact_slots, write_slots
-from jaxeff.models.mor import ExpertChoiceRouter, TokenChoiceRouter, expert_step_aux
-from jaxeff.nn import Block, Embedding, LMHead, RMSNorm
+from jaxeff.kv.recursive_cache import RecursiveCache
+from jaxeff.models.decoder import LMEnds
+from jaxeff.models.transformer import token_positions
+from jaxeff.nn import Block, cache_attend, merge_layer_aux, self_attend
 from jaxeff.nn.lora import BlockLoRA
-from jaxeff.ops import attention, attention_by_position, routing
+from jaxeff.nn.routers import ExpertChoiceRouter, TokenChoiceRouter, expert_step_aux
+from jaxeff.ops import AttentionMask, attention, routing
 from jaxeff.parallel import constrain
 
 MODES = ("topk", "threshold")
@@ -55,9 +57,44 @@ def layer_sources(strategy: str, n_layers: int, n_recursions: int) -> list[str]:
     return ["first", *middle, "last"] if strategy.startswith("middle_") else middle
 
 
-class RecursiveTransformer(nnx.Module):
-    """Same contract as :class:`jaxeff.Transformer`: ``model(tokens) -> (logits, aux)`` and
-    ``model.extend(tokens, cache) -> (logits, cache)``."""
+def gated_delta(gate_BxN: jax.Array, y_BxNxD: jax.Array, dtype) -> jax.Array:
+    """g * f(h), the part of MoR's residual update h + g * f(h) (Bae et al., 2025, eq. 2) that a
+    step adds to the tokens it selects."""
+    return (gate_BxN[..., None] * y_BxNxD.astype(jnp.float32)).astype(dtype)
+
+
+class SharedKV:
+    """The keys/values each recursion step attends to, over the training forward paths.
+
+    Recursion-wise (no sharing), step r attends to its own fresh keys. Under recursive KV sharing
+    (Bae et al., 2025, section 2.2.2) steps r > 0 reuse the first step's keys and values of the
+    same shared block; with ``update`` the tokens step r selects first overwrite their own entries
+    there (the official code's ``update_cache``), at ``overwrite_idx`` [B, N]: each token's index
+    in the first step's key list (out of range: left alone)."""
+
+    def __init__(self, share: bool, update: bool):
+        self.share, self.update = share, update
+        self.first: dict[int, tuple] = {}
+
+    def keys(self, j: int, r: int, k, v, meta, overwrite_idx_BxN=None):
+        """(k, v, meta) that step r of block j attends to; ``meta`` is the mask information of
+        the keys (positions, validity, segment ids), kept with the first step's keys."""
+        if r == 0 or not self.share:
+            if r == 0:
+                self.first[j] = (k, v, meta)
+            return k, v, meta
+        k0, v0, meta0 = self.first[j]
+        if self.update:
+            rows_Bx1 = jnp.arange(k0.shape[0])[:, None]
+            k0 = k0.at[rows_Bx1, overwrite_idx_BxN].set(k, mode="drop")
+            v0 = v0.at[rows_Bx1, overwrite_idx_BxN].set(v, mode="drop")
+            self.first[j] = (k0, v0, meta0)
+        return k0, v0, meta0
+
+
+class RecursiveTransformer(LMEnds, nnx.Module):
+    """Same contract as :class:`jaxeff.Transformer`: ``model(tokens) -> (logits, aux)``, and the
+    :class:`~jaxeff.models.decoder.Decoder` protocol with a :class:`RecursiveCache`."""
 
     def __init__(self, cfg: ModelConfig, rcfg: RecursionConfig, *, rngs: nnx.Rngs):
         if not rcfg.enabled:
@@ -68,87 +105,89 @@ class RecursiveTransformer(nnx.Module):
         self.n_shared = shared_depth(rcfg.strategy, cfg.n_layers) // rcfg.n_recursions
         self.layer_map = sharing_map(rcfg.strategy, cfg.n_layers, rcfg.n_recursions)
         self.capacities = rcfg.resolved_capacities
-        self.embed = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=cfg.dtype,
-                               param_dtype=cfg.param_dtype, rngs=rngs)
-        self.first = Block(cfg, rngs=rngs) if middle else None
-        self.shared = nnx.List([Block(cfg, rngs=rngs) for _ in range(self.n_shared)])
-        self.last = Block(cfg, rngs=rngs) if middle else None
-        self.lora = (nnx.List([BlockLoRA(cfg, rcfg.n_recursions, rcfg.lora_rank, rngs=rngs)
-                               for _ in range(self.n_shared)]) if rcfg.lora_rank else None)
+        self._make_embedding(cfg, rngs)
+        offset = 1 if middle else 0
+        first_use = {j: offset + i for i, (j, _) in reversed(list(enumerate(self.layer_map)))}
+        self.first = Block(cfg, 0, rngs=rngs) if middle else None
+        self.shared = nnx.List([Block(cfg, first_use[j], rngs=rngs) for j in range(self.n_shared)])
+        self.last = Block(cfg, cfg.n_layers - 1, rngs=rngs) if middle else None
+        self.lora = (nnx.List([BlockLoRA(self.shared[j].lora_targets(), rcfg.n_recursions, rcfg.lora_rank,
+                                         param_dtype=cfg.param_dtype, rngs=rngs)
+                               for j in range(self.n_shared)]) if rcfg.lora_rank else None)
         self.router = {"none": lambda: None, "expert": lambda: ExpertChoiceRouter(cfg, rcfg, rngs=rngs),
                        "token": lambda: TokenChoiceRouter(cfg, rcfg, rngs=rngs)}[rcfg.routing]()
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.lm_head = None if cfg.tie_embeddings else LMHead(
-            cfg.d_model, cfg.vocab_size, std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self._make_head(cfg, rngs)
 
     # ----------------------------------------------------------------------------------- pieces
     def _lora(self, j: int, r: int):
         return None if self.lora is None else self.lora[j].deltas(r)
 
-    def logits(self, x_BxTxD: jax.Array) -> jax.Array:
-        x_BxTxD = self.final_norm(x_BxTxD)
-        logits_BxTxV = self.embed.attend(x_BxTxD) if self.lm_head is None else self.lm_head(x_BxTxD)
-        return constrain(logits_BxTxV, ("batch", "seq", "vocab"))
-
     def _share(self, r: int) -> bool:
         """Whether step r reads the first recursion's keys/values instead of its own."""
         return self.rcfg.kv_strategy == "share" and r > 0
 
-    def _combine(self, h, x, decide_BxT, gate_BxT):
+    def _shared_kv(self) -> SharedKV:
+        return SharedKV(self.rcfg.kv_strategy == "share", self.rcfg.kv_share_update)
+
+    def _combine(self, h_BxTxD, y_BxTxD, decide_BxT, gate_BxT):
+        """Recursion without routing replaces h; MoR's step keeps h + g * f(h) where it decides."""
         if self.rcfg.routing == "none":
-            return x
-        # MoR: h + g * block(h) for the tokens that go on, h for the rest.
-        upd = h + (gate_BxT[..., None] * x.astype(jnp.float32)).astype(h.dtype)
-        return jnp.where(decide_BxT[..., None], upd, h)
+            return y_BxTxD
+        return jnp.where(decide_BxT[..., None], h_BxTxD + gated_delta(gate_BxT, y_BxTxD, h_BxTxD.dtype), h_BxTxD)
+
+    def _unique(self, block, h, positions_BxT, segment_ids, auxes):
+        h, _, aux = block(h, positions_BxT, self_attend(AttentionMask.training(segment_ids), block.attn.impl))
+        auxes.append(aux)
+        return h
 
     # ---------------------------------------------------------------------------------- forward
     def __call__(self, tokens_BxT: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, mode: str = "topk") -> tuple[jax.Array, dict]:
         if mode not in MODES:
             raise ValueError(f"RecursiveTransformer: mode must be one of {MODES}, got {mode!r}")
-        b, t = tokens_BxT.shape
-        positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
-        valid_BxT = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
+        positions_BxT = token_positions(tokens_BxT, positions)
+        valid_BxT = jnp.ones(tokens_BxT.shape, bool) if segment_ids is None else segment_ids != 0
         h = constrain(self.embed(tokens_BxT), ("batch", "seq", "act_embed"))
+        layer_auxes: list[dict] = []
         if self.first is not None:
-            h = self.first(h, positions_BxT, segment_ids_BxT=segment_ids)[0]
+            h = self._unique(self.first, h, positions_BxT, segment_ids, layer_auxes)
         if self.rcfg.routing == "none":
-            h, aux = self._forward_plain(h, positions_BxT, segment_ids), {}
+            h, aux = self._forward_plain(h, positions_BxT, segment_ids, layer_auxes), {}
         elif self.rcfg.routing == "expert" and mode == "topk":
-            h, aux = self._forward_compact(h, positions_BxT, segment_ids, valid_BxT)
+            h, aux = self._forward_compact(h, positions_BxT, segment_ids, valid_BxT, layer_auxes)
         else:
-            h, aux = self._forward_masked(h, positions_BxT, segment_ids, valid_BxT, self._decider(mode))
+            h, aux = self._forward_masked(h, positions_BxT, segment_ids, valid_BxT, self._decider(mode), layer_auxes)
             if mode != "threshold":  # training metrics stay scalars (a [B, T] array is not one)
                 aux.pop("depth", None)
         if self.last is not None:
-            h = self.last(h, positions_BxT, segment_ids_BxT=segment_ids)[0]
-        return self.logits(h), aux
+            h = self._unique(self.last, h, positions_BxT, segment_ids, layer_auxes)
+        return self.logits(h), {**merge_layer_aux(layer_auxes), **aux}
 
-    def _forward_plain(self, h, positions_BxT, segment_ids):
+    def _forward_plain(self, h, positions_BxT, segment_ids, layer_auxes):
         """Every token through every recursion: the recursive transformer without routing."""
-        first_kv = {}
+        kv = self._shared_kv()
+        mask = AttentionMask.training(segment_ids)
+        every_BxT = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])  # updating every token
         for j, r in self.layer_map:
             def attend(q, k, v, j=j, r=r):
-                if self._share(r) and not self.rcfg.kv_share_update:  # (updating every token = not sharing)
-                    k0, v0 = first_kv[j]
-                    return attention(q, k0, v0, impl=self.cfg.attention_impl, segment_ids_BxT=segment_ids), None
-                return attention(q, k, v, impl=self.cfg.attention_impl, segment_ids_BxT=segment_ids), (k, v)
-            h, kv = self.shared[j].forward_with(h, positions_BxT, attend, lora=self._lora(j, r))
-            if r == 0:
-                first_kv[j] = kv
+                k, v, _ = kv.keys(j, r, k, v, None, every_BxT)
+                return attention(q, k, v, mask=mask, impl=self.cfg.attention_impl), None
+            h, _, a = self.shared[j](h, positions_BxT, attend, lora=self._lora(j, r))
+            layer_auxes.append(a)
         return h
 
-    def _run_stack(self, x, r, positions, attend_for):
+    def _run_stack(self, x, r, positions, attend_for, layer_auxes):
         for j in range(self.n_shared):
-            x, _ = self.shared[j].forward_with(x, positions, attend_for(j), lora=self._lora(j, r))
+            x, _, a = self.shared[j](x, positions, attend_for(j), lora=self._lora(j, r))
+            layer_auxes.append(a)
         return x
 
-    def _forward_compact(self, h, positions_BxT, segment_ids, valid_BxT):
+    def _forward_compact(self, h, positions_BxT, segment_ids, valid_BxT, layer_auxes):
         """Expert-choice training: the shared stack runs only on each step's gathered top-k."""
         b, t = valid_BxT.shape
         aux: dict = {}
         cand_idx = None  # [B, n] original positions of the candidates (None: all T)
-        first_kv = {}
+        kv = self._shared_kv()
         loc = None  # [B, k_r] where each selected token sits among the first step's tokens
         for r, cap in enumerate(self.capacities):
             k = routing.tokens_for_capacity(cap, t)
@@ -174,26 +213,20 @@ class RecursiveTransformer(nnx.Module):
 
             def attend_for(j, r=r, pos_s=pos_s, seg_s=seg_s, loc=loc):
                 def attend(q, k_, v_):
-                    if self._share(r):
-                        k0, v0, pos0, seg0 = first_kv[j]
-                        if self.rcfg.kv_share_update:  # the selected tokens' entries take their fresh keys
-                            rows = jnp.arange(q.shape[0])[:, None]
-                            k0, v0 = k0.at[rows, loc].set(k_), v0.at[rows, loc].set(v_)
-                            first_kv[j] = (k0, v0, pos0, seg0)
-                        return attention_by_position(q, k0, v0, q_positions_BxT=pos_s, kv_positions_BxS=pos0,
-                                                     q_segment_ids_BxT=seg_s, kv_segment_ids_BxS=seg0,
-                                                     impl=self.cfg.attention_impl), None
-                    if r == 0:
-                        first_kv[j] = (k_, v_, pos_s, seg_s)
-                    return attention(q, k_, v_, impl=self.cfg.attention_impl, segment_ids_BxT=seg_s), None
+                    k0, v0, (pos0, seg0) = kv.keys(j, r, k_, v_, (pos_s, seg_s), loc)
+                    if self._share(r):  # this step's queries against the first step's keys
+                        mask = AttentionMask.by_position(pos_s, pos0, q_segment_ids_BxT=seg_s,
+                                                         kv_segment_ids_BxS=seg0)
+                    else:  # the gathered tokens keep causal order: index masks apply
+                        mask = AttentionMask.training(seg_s)
+                    return attention(q, k0, v0, mask=mask, impl=self.cfg.attention_impl), None
                 return attend
 
-            y = self._run_stack(x_s, r, pos_s, attend_for)
+            y = self._run_stack(x_s, r, pos_s, attend_for, layer_auxes)
             if idx is None:
-                h = h + (gate_c[..., None] * y.astype(jnp.float32)).astype(h.dtype)
+                h = h + gated_delta(gate_c, y, h.dtype)
             else:
-                g_s = routing.gather_rows(gate_c, local)
-                h = routing.scatter_add_rows(h, idx, (g_s[..., None] * y.astype(jnp.float32)).astype(h.dtype))
+                h = routing.scatter_add_rows(h, idx, gated_delta(routing.gather_rows(gate_c, local), y, h.dtype))
             cand_idx = idx
         last = (jnp.ones((b, t), bool) if cand_idx is None
                 else jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], cand_idx].set(True))
@@ -236,39 +269,29 @@ class RecursiveTransformer(nnx.Module):
             return active & selected, gate, {}
         return decide
 
-    def _forward_masked(self, h, positions_BxT, segment_ids, valid_BxT, decide_fn, *, attn_impl=None):
+    def _forward_masked(self, h, positions_BxT, segment_ids, valid_BxT, decide_fn, layer_auxes):
         """Dense compute, position masks: the tokens a step does not select are computed and dropped."""
-        impl = attn_impl or self.cfg.attention_impl
         aux: dict = {}
         active = valid_BxT
         depth_BxT = jnp.zeros(valid_BxT.shape, jnp.int32)
-        first_kv = {}
+        kv = self._shared_kv()
+        token_idx_BxT = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
         for r in range(self.rcfg.n_recursions):
             decide, gate, a = decide_fn(r, h, active)
             aux.update(a)
             aux[f"mor/selected_frac_r{r + 1}"] = decide.sum() / jnp.maximum(valid_BxT.sum(), 1)
             depth_BxT = depth_BxT + decide.astype(jnp.int32)
+            overwrite_BxT = jnp.where(decide, token_idx_BxT, h.shape[1])  # the selected tokens' own entries
 
-            def attend_for(j, r=r, decide=decide):
+            def attend_for(j, r=r, decide=decide, overwrite_BxT=overwrite_BxT):
                 def attend(q, k, v):
-                    if self._share(r):
-                        k0, v0, d0 = first_kv[j]
-                        if self.rcfg.kv_share_update:
-                            sel = decide[:, :, None, None]
-                            k0, v0 = jnp.where(sel, k, k0), jnp.where(sel, v, v0)
-                            first_kv[j] = (k0, v0, d0)
-                        k, v, kv_valid = k0, v0, d0
-                    else:
-                        kv_valid = decide
-                        if r == 0:
-                            first_kv[j] = (k, v, decide)
-                    return attention_by_position(q, k, v, q_positions_BxT=positions_BxT,
-                                                 kv_positions_BxS=positions_BxT, kv_valid_BxS=kv_valid,
-                                                 q_segment_ids_BxT=segment_ids, kv_segment_ids_BxS=segment_ids,
-                                                 impl=impl), None
+                    k, v, kv_valid = kv.keys(j, r, k, v, decide, overwrite_BxT)
+                    mask = AttentionMask.by_position(positions_BxT, positions_BxT, kv_valid=kv_valid,
+                                                     q_segment_ids_BxT=segment_ids, kv_segment_ids_BxS=segment_ids)
+                    return attention(q, k, v, mask=mask, impl=self.cfg.attention_impl), None
                 return attend
 
-            x = self._run_stack(h, r, positions_BxT, attend_for)
+            x = self._run_stack(h, r, positions_BxT, attend_for, layer_auxes)
             h = self._combine(h, x, decide, gate)
             active = decide
         if self.rcfg.routing != "none":
@@ -285,64 +308,59 @@ class RecursiveTransformer(nnx.Module):
                                     n_kv_heads=cfg.n_kv_heads, head_dim=cfg.resolved_head_dim,
                                     dtype=jnp.dtype(dtype or cfg.dtype))
 
-    def extend(self, tokens_BxT: jax.Array, cache: RecursiveCache, *, valid_lengths: jax.Array | None = None
-               ) -> tuple[jax.Array, RecursiveCache]:
-        """Appends T tokens per row (prefill or decode) under the causal threshold rule."""
+    def extend(self, tokens_BxT: jax.Array, cache: RecursiveCache, *, valid_lengths: jax.Array | None = None,
+               stats_rows: int = 0) -> tuple[jax.Array, RecursiveCache, dict]:
+        """Appends T tokens per row (prefill or decode) under the causal threshold rule. A step
+        appends the tokens it selects to its stored recursion's layers; under KV sharing with
+        updates they overwrite their first-step slots instead. (``stats_rows``: not yet
+        reported for recursive models; the stats are empty.)"""
         b, t = tokens_BxT.shape
         added = jnp.full((b,), t, jnp.int32) if valid_lengths is None else valid_lengths.astype(jnp.int32)
         positions_BxT = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         valid_BxT = jnp.arange(t)[None, :] < added[:, None]
+        impl = self.cfg.attention_impl
         h = self.embed(tokens_BxT)
-        unique_k, unique_v = list(cache.unique_k), list(cache.unique_v)
+        unique = list(cache.unique)
         if self.first is not None:
-            h, (unique_k[0], unique_v[0]) = self.first(h, positions_BxT, kv=(unique_k[0], unique_v[0], cache.lengths))
-        ks, vs, poss = list(cache.k), list(cache.v), list(cache.positions)
-        counts, new_counts = cache.counts, cache.counts
-        u, cap = self.n_shared, cache.capacity
+            h, (unique[0], _), _ = self.first(h, positions_BxT, cache_attend(unique[0], positions_BxT, impl,
+                                                                             keep_BxT=valid_BxT))
+        shared = list(cache.shared)
+        u = self.n_shared
         stored = lambda r: 0 if self.rcfg.kv_strategy == "share" else r
+        first_slots: dict[int, jax.Array] = {}
 
-        def claim(s, decide):
-            """Gives the deciding tokens their slots in stored recursion s's cache."""
-            nonlocal new_counts
-            slots = compact_slots(decide, counts[s], cap)
-            poss[s] = write_slots(poss[s], positions_BxT, slots)
-            new_counts = new_counts.at[s].add(decide.sum(1).astype(jnp.int32))
-            return slots
-
-        def attend_for(j, r, slots):
+        def attend_for(j, r, decide_BxT):
             def attend(q, k, v):
                 i = stored(r) * u + j
-                if not self._share(r) or self.rcfg.kv_share_update:
-                    ks[i] = write_slots(ks[i], k, slots)
-                    vs[i] = write_slots(vs[i], v, slots)
-                kv_valid = jnp.arange(cap)[None, :] < new_counts[stored(r)][:, None]
-                return attention_by_position(q, ks[i].astype(q.dtype), vs[i].astype(q.dtype),
-                                             q_positions_BxT=positions_BxT, kv_positions_BxS=poss[stored(r)],
-                                             kv_valid_BxS=kv_valid, impl="xla"), None
+                layer = shared[i]
+                if not self._share(r):  # the step's tokens take the next free slots of its own layers
+                    layer, slots = layer.append(k, v, positions_BxT, decide_BxT)
+                    if r == 0:
+                        first_slots[j] = slots
+                elif self.rcfg.kv_share_update:  # they overwrite their own first-step entries
+                    layer = layer.write(k, v, jnp.where(decide_BxT[:, None, :], first_slots[j], layer.capacity))
+                shared[i] = layer
+                k_all, v_all = layer.keys_values(q.dtype)
+                return attention(q, k_all, v_all, mask=layer.mask(positions_BxT), impl=impl), None
             return attend
 
-        if self.rcfg.routing == "none":
-            slots = [claim(s, valid_BxT) for s in range(cache.n_stored)]
+        if self.rcfg.routing == "none":  # every token through the unrolled layers, in their order
             for j, r in self.layer_map:
-                h, _ = self.shared[j].forward_with(h, positions_BxT, attend_for(j, r, slots[stored(r)]),
-                                                   lora=self._lora(j, r))
+                h, _, _ = self.shared[j](h, positions_BxT, attend_for(j, r, valid_BxT), lora=self._lora(j, r))
         else:
             decide_fn, active = self._decider("threshold"), valid_BxT
             for r in range(self.rcfg.n_recursions):
                 decide, gate, _ = decide_fn(r, h, active)
-                if not self._share(r):
-                    slots = first_slots = claim(stored(r), decide)
-                else:  # with kv_share_update the tokens of this step rewrite their first-step slots
-                    slots = jnp.where(decide, first_slots, cap)
                 x = h
                 for j in range(u):
-                    x, _ = self.shared[j].forward_with(x, positions_BxT, attend_for(j, r, slots), lora=self._lora(j, r))
+                    x, _, _ = self.shared[j](x, positions_BxT, attend_for(j, r, decide), lora=self._lora(j, r))
                 h, active = self._combine(h, x, decide, gate), decide
         if self.last is not None:
-            h, (unique_k[1], unique_v[1]) = self.last(h, positions_BxT, kv=(unique_k[1], unique_v[1], cache.lengths))
-        new_cache = RecursiveCache(unique_k=tuple(unique_k), unique_v=tuple(unique_v), k=tuple(ks), v=tuple(vs),
-                                   positions=tuple(poss), counts=new_counts, lengths=cache.lengths + added)
-        return self.logits(h), new_cache
+            h, (unique[1], _), _ = self.last(h, positions_BxT, cache_attend(unique[1], positions_BxT, impl,
+                                                                            keep_BxT=valid_BxT))
+        new_cache = RecursiveCache(unique=tuple(unique), shared=tuple(shared), lengths=cache.lengths + added,
+                                   n_stored=cache.n_stored)
+        return self.logits(h), new_cache, {}
 
 
 def flops_per_token(cfg: ModelConfig, rcfg: RecursionConfig, seq_len: int) -> float:

@@ -24,7 +24,6 @@ from flax import nnx
 
 from jaxeff.config import ModelConfig, RecursionConfig
 from jaxeff.models.recursive import RecursiveTransformer, shared_depth, sharing_map
-from jaxeff.nn.lora import LORA_TARGETS, fan_in_out
 
 INITS = ("stepwise", "average", "lower")
 LORA_INITS = ("svd", "zero")
@@ -81,21 +80,29 @@ def svd_lora_factors(residual_IxO: np.ndarray, rank: int) -> tuple[np.ndarray, n
 
 
 def _weight(block: dict, name: str) -> np.ndarray:
-    return np.asarray(block[LORA_TARGETS[name][0]][name], np.float32)
+    """A block's weight by name, from whichever of its modules (attn, mlp) holds it."""
+    for module in block.values():
+        if isinstance(module, dict) and name in module:
+            return np.asarray(module[name], np.float32)
+    raise KeyError(f"no weight {name!r} in the block (modules {sorted(block)})")
+
+
+def lora_names(lora_params: dict) -> list[str]:
+    """The weights a block's LoRA relaxes, in its parameter order (``{name}_a`` / ``{name}_b``)."""
+    return [k[:-2] for k in lora_params if k.endswith("_a")]
 
 
 def _lora_block(vanilla_blocks: dict, shared_block: dict, template_lora: dict, j: int,
                 tied: dict[tuple[int, int], int], n_recursions: int, lora_init: str) -> dict:
     """Block j's LoRA factors: SVD of each recursion's residual, or zero B (delta 0)."""
     out = {}
-    for name in LORA_TARGETS:
+    for name in lora_names(template_lora):
         a_tmpl, b_tmpl = template_lora[f"{name}_a"], template_lora[f"{name}_b"]
         if lora_init == "zero":
             out[f"{name}_a"], out[f"{name}_b"] = a_tmpl, jnp.zeros_like(b_tmpl)
             continue
         w_shared = _weight(shared_block, name)
-        fan_in, fan_out = fan_in_out(name, w_shared.shape)
-        rank = a_tmpl.shape[-1]
+        fan_in, rank, fan_out = a_tmpl.shape[1], a_tmpl.shape[2], b_tmpl.shape[2]
         a_NxIxR, b_NxRxO = [], []
         for r in range(n_recursions):
             residual = _weight(_layer(vanilla_blocks, tied[j, r]), name) - w_shared

@@ -1,4 +1,14 @@
-"""Grouped-query self-attention module with RoPE and an optional KV cache."""
+"""Grouped-query self-attention: the projections with RoPE, and the ways a block attends.
+
+The module owns the projections (``qkv``, ``out``); what the fresh queries meet is decided by an
+*attend* function ``attend(q, k, v) -> (o, extra)`` that the caller hands to the block
+(:meth:`jaxeff.nn.Block.__call__`). The common ones are built here:
+
+* :func:`self_attend`: the block's own keys under an :class:`~jaxeff.ops.AttentionMask`;
+* :func:`cache_attend`: append the new keys/values to a layer of a
+  :class:`~jaxeff.kv.KVCache` and attend over the whole layer (prefill and decoding), optionally
+  handing back attention statistics for KV-cache policies.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxeff.kv.cache import write_rows
+from jaxeff.kv.cache import LayerKV
 from jaxeff.nn.params import param
-from jaxeff.ops import apply_rope, attention
+from jaxeff.ops import AttentionMask, apply_rope, attention, attention_weights
 from jaxeff.parallel import constrain
 
 
@@ -24,6 +34,11 @@ class Attention(nnx.Module):
         self.wo = param(rngs, (n_heads, head_dim, d_model), ("heads", "head_dim", "embed"), std=out_std,
                         dtype=param_dtype)
         self.rope_base, self.rope_style, self.impl, self.dtype = rope_base, rope_style, impl, dtype
+
+    def lora_targets(self) -> dict[str, tuple[tuple[int, ...], int]]:
+        """name -> (weight shape, number of leading input dims)."""
+        return {"wq": (self.wq.shape, 1), "wk": (self.wk.shape, 1), "wv": (self.wv.shape, 1),
+                "wo": (self.wo.shape, 2)}
 
     def weight(self, name: str, lora: dict | None = None) -> jax.Array:
         """A projection in the compute dtype, plus its LoRA delta when one is given."""
@@ -46,18 +61,28 @@ class Attention(nnx.Module):
     def out(self, o_BxTxHxD: jax.Array, lora: dict | None = None) -> jax.Array:
         return jnp.einsum("bthk,hkd->btd", o_BxTxHxD.astype(jnp.dtype(self.dtype)), self.weight("wo", lora))
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, *, segment_ids_BxT: jax.Array | None = None,
-                 kv: tuple[jax.Array, jax.Array, jax.Array] | None = None):
-        """Self-attention. With ``kv = (k_cache, v_cache, lengths)`` the new keys/values are
-        written at each row's ``lengths`` and attention runs over the whole cache; returns
-        ``(out, (k_cache, v_cache))`` then, else ``(out, None)``."""
-        q, k, v = self.qkv(x_BxTxD, positions_BxT)
-        if kv is None:
-            o = attention(q, k, v, impl=self.impl, segment_ids_BxT=segment_ids_BxT)
-            return self.out(o), None
-        k_cache, v_cache, lengths_B = kv
-        k_cache = write_rows(k_cache, k, lengths_B)
-        v_cache = write_rows(v_cache, v, lengths_B)
-        o = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), impl="xla",
-                      q_offset_B=lengths_B)
-        return self.out(o), (k_cache, v_cache)
+
+def self_attend(mask: AttentionMask, impl: str):
+    """The block's queries against its own keys: ``(o, None)``."""
+    def attend(q, k, v):
+        return attention(q, k, v, mask=mask, impl=impl), None
+    return attend
+
+
+def cache_attend(layer: LayerKV, positions_BxT: jax.Array, impl: str, *, keep_BxT: jax.Array | None = None,
+                 stats_rows: int = 0, pattern: str = "causal"):
+    """Appends the kept new tokens' keys/values to ``layer`` and attends over all of it by
+    position: ``(o, (new_layer, stats))``. With ``stats_rows`` > 0, ``stats`` holds what
+    KV-cache policies score slots with: ``probs`` [B, H, rows, C], the attention probabilities
+    of the last ``rows`` queries over the layer's slots, and ``queries`` [B, rows, H, D]."""
+    def attend(q, k, v):
+        new_layer, _ = layer.append(k, v, positions_BxT, keep_BxT)
+        k_all, v_all = new_layer.keys_values(q.dtype)
+        mask = new_layer.mask(positions_BxT, pattern=pattern)
+        o = attention(q, k_all, v_all, mask=mask, impl=impl)
+        stats = {}
+        if stats_rows:
+            stats = {"probs": attention_weights(q, k_all, mask=mask, rows=stats_rows),
+                     "queries": q[:, q.shape[1] - stats_rows:]}
+        return o, (new_layer, stats)
+    return attend

@@ -1,4 +1,5 @@
-"""Mixture-of-Recursions routers (Bae et al., 2025, arXiv 2507.10524, section 2.2.1).
+"""Mixture-of-Recursions routers (Bae et al., 2025, arXiv 2507.10524, section 2.2.1), as NNX
+modules over the routing maths of :mod:`jaxeff.ops.routing`.
 
 Expert-choice: recursion step r has its own linear router (no bias, N(0, 0.02)); its gate is
 ``alpha * sigmoid(logit)`` (or tanh / softmax). In training each step keeps the top

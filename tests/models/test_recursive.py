@@ -13,12 +13,11 @@ from flax import nnx
 
 from jaxeff import Config, ModelConfig, RecursionConfig, RecursiveTransformer, Transformer
 from jaxeff.config import TrainConfig
-from jaxeff.models.mor import ExpertChoiceRouter
 from jaxeff.models.recursive import flops_per_token, layer_sources, sharing_map
-from jaxeff.nn.lora import LORA_TARGETS
+from jaxeff.nn.routers import ExpertChoiceRouter
 from jaxeff.ops import routing
 from jaxeff.train import init_state, make_optimizer, make_train_step
-from jaxeff.train.loop import build_model
+from jaxeff.models import build_model
 
 VOCAB = 61
 BASE = dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128, init_std=0.1)
@@ -44,7 +43,7 @@ def _randomize_lora(model, seed: int, scale: float = 0.05):
     """LoRA B starts at zero (a no-op); random B makes every recursion's weights really differ."""
     rng = np.random.default_rng(seed)
     for lora in model.lora:
-        for name in LORA_TARGETS:
+        for name in model.shared[0].lora_targets():
             b = getattr(lora, f"{name}_b")
             b[...] = jnp.asarray(rng.normal(0.0, scale, b.shape), b.dtype)
 
@@ -324,11 +323,12 @@ def _masked_topk(model, tokens_BxT, segment_ids=None, positions=None):
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
     valid = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
     h = model.embed(tokens_BxT)
+    auxes = []
     if model.first is not None:
-        h = model.first(h, pos, segment_ids_BxT=segment_ids)[0]
-    h, aux = model._forward_masked(h, pos, segment_ids, valid, model._decider("topk"))
+        h = model._unique(model.first, h, pos, segment_ids, auxes)
+    h, aux = model._forward_masked(h, pos, segment_ids, valid, model._decider("topk"), auxes)
     if model.last is not None:
-        h = model.last(h, pos, segment_ids_BxT=segment_ids)[0]
+        h = model._unique(model.last, h, pos, segment_ids, auxes)
     return model.logits(h), aux
 
 

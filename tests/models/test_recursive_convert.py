@@ -14,10 +14,14 @@ from jaxeff.config import ModelConfig, RecursionConfig
 from jaxeff.models.recursive import RecursiveTransformer
 from jaxeff.models.recursive_convert import convert_from_vanilla, convert_transformer, svd_lora_factors
 from jaxeff.models.transformer import Transformer
-from jaxeff.nn.lora import LORA_TARGETS, fan_in_out
+from jaxeff.nn import Block
+from jaxeff.nn.lora import fan_in_out
 
-NAMES = tuple(LORA_TARGETS)
 
+# the weights a block's LoRA relaxes, as the modules report them
+TARGETS = nnx.eval_shape(lambda: Block(ModelConfig(vocab_size=61, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2,
+                                                   d_ff=64, max_seq_len=64), rngs=nnx.Rngs(0))).lora_targets()
+NAMES = tuple(TARGETS)
 
 def _cfg(**overrides) -> ModelConfig:
     base = dict(vocab_size=61, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
@@ -150,10 +154,9 @@ def test_small_rank_svd_is_the_truncated_svd_of_the_residual(strategy, n_r):
     for j in range(u):
         for r in range(n_r):
             layer = offset + (j + r * u if strategy.endswith("cycle") else j * n_r + r)
-            for name in NAMES:
-                module = LORA_TARGETS[name][0]
+            for name, (module, shape, n_in) in TARGETS.items():
                 w_shared = out["shared"][j][module][name]
-                fin, fout = fan_in_out(name, w_shared.shape)
+                fin, fout = fan_in_out(shape, n_in)
                 residual = (vanilla["blocks"][layer][module][name] - w_shared).reshape(fin, fout).astype(np.float64)
                 delta = out["lora"][j][f"{name}_a"][r] @ out["lora"][j][f"{name}_b"][r]
                 u_, s, vt = np.linalg.svd(residual, full_matrices=False)

@@ -22,7 +22,8 @@ def _jit_forward(graphdef, state, tokens, positions, segment_ids):
 
 @partial(jax.jit, static_argnums=0)
 def _jit_extend(graphdef, state, tokens, cache, valid_lengths):
-    return nnx.merge(graphdef, state).extend(tokens, cache, valid_lengths=valid_lengths)
+    logits, cache, _ = nnx.merge(graphdef, state).extend(tokens, cache, valid_lengths=valid_lengths)
+    return logits, cache
 
 
 def _forward(model, tokens, positions=None, segment_ids=None):
@@ -105,7 +106,12 @@ def test_prefill_then_decode_equals_forward(tiny_model_cfg, case):
     logits, cache = _extend(model, jnp.asarray(tokens[:, 9:12]), cache)  # a chunk at an offset
     np.testing.assert_allclose(np.asarray(logits), full[:, 9:12], **TOL)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [12, 12])
-    assert cache.capacity == 16 and cache.batch == 2 and len(cache.k) == cfg.n_layers
+    assert cache.capacity == 16 and cache.batch == 2 and len(cache.layers) == cfg.n_layers
+    # no eviction: every head holds every token, slot i at position i
+    for layer in cache.layers:
+        np.testing.assert_array_equal(np.asarray(layer.counts), 12)
+        np.testing.assert_array_equal(np.asarray(layer.positions[..., :12]), np.broadcast_to(np.arange(12), (2, cfg.n_kv_heads, 12)))
+        assert (np.asarray(layer.positions[..., 12:]) == -1).all()
 
 
 def test_ragged_prompts_with_valid_lengths(tiny_model_cfg):
@@ -137,8 +143,10 @@ def test_ragged_prompts_with_valid_lengths(tiny_model_cfg):
 def test_cache_dtype_follows_compute_dtype(tiny_model_cfg):
     model = Transformer(tiny_model_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0))
     cache = model.init_cache(2, 8)
-    assert cache.k[0].dtype == jnp.bfloat16 and cache.k[0].shape == (2, 8, 2, 8)
-    assert model.init_cache(2, 8, dtype=jnp.float32).v[0].dtype == jnp.float32
+    layer = cache.layers[0]
+    assert layer.k.dtype == jnp.bfloat16 and layer.k.shape == (2, 2, 8, 8)  # [B, K, C, D]
+    assert layer.positions.shape == (2, 2, 8) and layer.counts.shape == (2, 2)
+    assert model.init_cache(2, 8, dtype=jnp.float32).layers[0].v.dtype == jnp.float32
 
 
 # --- positions and segment ids -------------------------------------------------------------------

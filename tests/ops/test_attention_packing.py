@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxeff.config import MeshConfig
-from jaxeff.ops.attention import attention_reference, packed_tier, per_device, segment_offsets
+from jaxeff.ops import AttentionMask, attention_reference, masked_attention_reference
+from jaxeff.ops.attention_cudnn import packed_tier, per_device, segment_offsets
 from jaxeff.parallel import make_mesh
 
 
@@ -48,8 +49,8 @@ def test_per_device_equals_unsharded(mesh_cfg):
     q = jax.random.normal(ks[0], (8, 32, 8, 16))
     k = jax.random.normal(ks[1], (8, 32, 4, 16))
     seg = (jnp.cumsum(jax.random.uniform(ks[2], (8, 32)) < 0.1, axis=1) + 1).astype(jnp.int32)
-    want = attention_reference(q, k, k, segment_ids_BxT=seg)
-    fn = lambda q_, k_, v_, s_: attention_reference(q_, k_, v_, segment_ids_BxT=s_)
+    want = attention_reference(q, k, k, mask=AttentionMask.training(seg))
+    fn = lambda q_, k_, v_, s_: attention_reference(q_, k_, v_, mask=AttentionMask.training(s_))
     with jax.set_mesh(make_mesh(mesh_cfg)):
         got = jax.jit(lambda q_, k_, s_: per_device(fn, q_, k_, k_, s_))(q, k, seg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
@@ -67,3 +68,20 @@ def test_packed_tier_picks_the_smallest_tier_that_holds_every_row(seed):
         most = max(len(runs_of(list(row))) for row in seg)
         want = next((i for i, m in enumerate(tiers) if most <= m), len(tiers))
         assert int(packed_tier(jnp.asarray(seg, jnp.int32), tiers)) == want
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_per_device_with_a_dense_mask_equals_unsharded(per_head):
+    """The dense-mask branch's extra argument [B, N, T, S] is split by batch (and heads when N = H)."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    ks = jax.random.split(jax.random.key(4), 3)
+    q = jax.random.normal(ks[0], (4, 16, 8, 16))
+    k = jax.random.normal(ks[1], (4, 16, 4, 16))
+    mask = jax.random.uniform(ks[2], (4, 8 if per_head else 1, 16, 16)) < 0.7
+    mask = mask | jnp.eye(16, dtype=bool)
+    fn = lambda q_, k_, v_, m_: masked_attention_reference(q_, k_, v_, m_[:, ::2] if m_.shape[1] > 1 else m_)
+    want = fn(q, k, k, mask)
+    with jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
+        got = jax.jit(lambda q_, k_, m_: per_device(fn, q_, k_, k_, m_))(q, k, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
