@@ -94,7 +94,7 @@ class BlockMask:
         """How kernels evaluate partial blocks (``common.ElementMask``), for inputs with ``batch``
         rows and ``heads`` query heads (default: the mask's own, possibly broadcast, sizes)."""
         b, h, q, k = self.shape
-        return self.mask_fn.element_mask(batch or b, heads or h, q, k)
+        return self.mask_fn.element_mask(batch or b, heads or h, q, k, unknown_dims=(b, h))
 
     def to_dense(self) -> jax.Array:
         """The element mask [B, H, Q_LEN, KV_LEN] (bool) evaluated from ``mask_fn`` directly (not

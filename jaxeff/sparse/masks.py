@@ -68,9 +68,13 @@ class MaskFn:
     def and_parts(self) -> tuple[MaskFn, ...]:
         return (self,)
 
-    def element_mask(self, batch: int, heads: int, q_len: int, kv_len: int) -> ElementMask:
+    def element_mask(self, batch: int, heads: int, q_len: int, kv_len: int,
+                     unknown_dims: tuple[int, int] | None = None) -> ElementMask:
         """The kernel-side description (``common.ElementMask``) for inputs of this batch size,
-        number of heads and lengths."""
+        number of heads and lengths. Dense parts are materialised over the axes they vary along;
+        along an axis of unknown dependence (custom callables) at ``unknown_dims`` (the sizes the
+        block lists were built with; default ``(batch, heads)``)."""
+        ub, uh = unknown_dims or (batch, heads)
         parts = self.and_parts()
         index_parts = tuple(p for p in parts if p.index_only)
         docs = [p for p in parts if isinstance(p, Document)]
@@ -87,8 +91,7 @@ class MaskFn:
         if rest:
             part = rest[0] if len(rest) == 1 else And(rest)
             db, dh = part.dims()
-            dense = evaluate(part, batch if db == UNKNOWN else db, heads if dh == UNKNOWN else dh,
-                             q_len, kv_len)
+            dense = evaluate(part, ub if db == UNKNOWN else db, uh if dh == UNKNOWN else dh, q_len, kv_len)
         return ElementMask(q_segment_ids=q_seg, kv_segment_ids=kv_seg, dense=dense, index_fn=index_fn)
 
     def __and__(self, other) -> MaskFn:

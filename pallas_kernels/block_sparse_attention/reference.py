@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention.common import (ElementMask, ScoreMod, SparseLayout, check_inputs,
-                                                          layout_to_dense)
+                                                          describe, layout_to_dense)
 
 
 def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask: jax.Array, *,
@@ -65,7 +65,7 @@ def _mask_dims(q, layout: SparseLayout, element_mask: ElementMask) -> tuple[int,
         element_mask.dense is not None and element_mask.dense.shape[0] > 1)
     varies_h = lh > 1 or (element_mask.dense is not None and element_mask.dense.shape[1] > 1)
     # An index function may read b and h: evaluate it over both unless the layout says otherwise.
-    if element_mask.index_fn is not None and getattr(element_mask.index_fn, "structure", None) is None:
+    if element_mask.index_fn is not None and describe(element_mask.index_fn) is None:
         varies_b, varies_h = True, True
     return (b if varies_b else 1), (h if varies_h else 1)
 

@@ -225,12 +225,12 @@ def to_splash(layout: SparseLayout, em: ElementMask, *, batch: int, heads: int) 
 
 def applies(q, k, v, layout: SparseLayout, element_mask: ElementMask, *, score_mod=None, interpret=False
             ) -> tuple[bool, str]:
+    """Whether splash runs these inputs, and if not why (the TPU-or-interpret check is the
+    registry's, ``api.py``)."""
     try:
         check_inputs(q, k, v, layout, "splash")
     except ValueError as e:
         return False, str(e)
-    if not interpret and jax.default_backend() != "tpu":
-        return False, f"splash runs on TPU (backend is {jax.default_backend()}; interpret=True runs it on CPU)"
     if layout.block_kv % LANES:
         return False, f"splash needs block_kv a multiple of {LANES}, got {layout.block_kv}"
     if element_mask.q_segment_ids is not None and not _needs_dense(element_mask) and layout.block_q % LANES:
