@@ -12,7 +12,6 @@ from a second, individually blocked pass. Writes a JSON list of results.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import statistics
@@ -30,9 +29,8 @@ from jaxeff.train.loop import init_params, model_flops_per_token
 from jaxeff.train.optimizer import make_optimizer
 from jaxeff.train.step import init_state, make_train_step
 
-attention_ops = importlib.import_module("jaxeff.ops.attention")  # the module (jaxeff.ops.attention is the function)
+attention_ops = importlib.import_module("jaxeff.ops.attention_cudnn")
 DEFAULT_TIERS = attention_ops.PACKED_SEGMENT_TIERS
-mlp_module, mlp_ops = importlib.import_module("jaxeff.nn.mlp"), importlib.import_module("jaxeff.ops.mlp")
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, doc_len: int, seed: int) -> dict[str, np.ndarray]:
@@ -126,11 +124,8 @@ def main() -> int:
         for o in [o for o in overrides if o.startswith("attn_tiers=")]:
             attention_ops.PACKED_SEGMENT_TIERS = tuple(int(x) for x in o.split("=")[1].split("-"))
             overrides.remove(o)
-        # Nor this: swiglu_fused=1 runs the MLP's gate and up projections as one matmul.
-        mlp_module.swiglu = mlp_ops.swiglu
-        for o in [o for o in overrides if o.startswith("swiglu_fused=")]:
-            mlp_module.swiglu = functools.partial(mlp_ops.swiglu, fuse_gate_up=o.split("=")[1] not in ("0", "false"))
-            overrides.remove(o)
+        # swiglu_fused=1 (the gate and up projections as one matmul) is model.swiglu_fused now.
+        overrides = [f"model.{o}" if o.startswith("swiglu_fused=") else o for o in overrides]
         try:
             r = run_variant(args.preset, overrides, args.steps, args.warmup, args.doc_len)
         except Exception as e:  # keep going: one failing variant must not lose the others

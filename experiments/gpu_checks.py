@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.ops import attention, attention_reference
-from jaxeff.ops.attention import PACKED_SEGMENT_TIERS, packed_tier
+from jaxeff.ops import AttentionMask, attention, attention_reference
+from jaxeff.ops.attention_cudnn import PACKED_SEGMENT_TIERS, packed_tier
 
 
 def rel(a, b):
@@ -47,9 +47,10 @@ def main() -> int:
         def loss(fn, q, k, v):
             return (fn(q, k, v).astype(jnp.float32) ** 2).sum()
 
-        fast = lambda q, k, v: attention(q, k, v, impl="cudnn", segment_ids_BxT=seg)
+        mask = AttentionMask.training(seg)
+        fast = lambda q, k, v: attention(q, k, v, impl="cudnn", mask=mask)
         ref = lambda q, k, v: attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
-                                                  v.astype(jnp.float32), segment_ids_BxT=seg)
+                                                  v.astype(jnp.float32), mask=mask)
         out_f, out_r = jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v)
         g_f = jax.jit(jax.grad(lambda *a: loss(fast, *a), argnums=(0, 1, 2)))(q, k, v)
         g_r = jax.jit(jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2)))(q, k, v)
@@ -65,11 +66,11 @@ def main() -> int:
         q = jax.random.normal(jax.random.key(7), (2 * n, 1024, 8, 64), jnp.bfloat16)
         seg = (jnp.cumsum(jax.random.uniform(jax.random.key(8), q.shape[:2]) < 3 / 1024, axis=1) + 1).astype(jnp.int32)
         seg = seg.at[-1, -100:].set(0)
-        f = jax.jit(lambda q, s: attention(q, q, q, impl="cudnn", segment_ids_BxT=s))
+        f = jax.jit(lambda q, s: attention(q, q, q, impl="cudnn", mask=AttentionMask.training(s)))
         one = f(q, seg)
         sh = NamedSharding(mesh, P("data"))
         with jax.set_mesh(mesh):  # as in training: attention sees the mesh and runs cuDNN per device
-            many = jax.jit(lambda q, s: attention(q, q, q, impl="cudnn", segment_ids_BxT=s))(
+            many = jax.jit(lambda q, s: attention(q, q, q, impl="cudnn", mask=AttentionMask.training(s)))(
                 jax.device_put(q, sh), jax.device_put(seg, sh))
         e = rel(many, one)
         worst = max(worst, e)

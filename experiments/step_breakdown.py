@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.config import MeshConfig, get_preset
-from jaxeff.ops import attention, cross_entropy
+from jaxeff.nn import self_attend
+from jaxeff.ops import AttentionMask, attention, cross_entropy
 from jaxeff.parallel import make_mesh
 from jaxeff.train.loop import init_params, model_flops_per_token
 from jaxeff.train.optimizer import make_optimizer
@@ -89,8 +90,9 @@ def main(argv=None) -> int:
             model = nnx.merge(graphdef, p)
             x = model.embed(bt["tokens"][:, :-1])
             pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            mask = AttentionMask.training(bt["segment_ids"][:, :-1])
             for block in model.blocks:
-                x = block(x, pos, segment_ids_BxT=bt["segment_ids"][:, :-1])[0]
+                x = block(x, pos, self_attend(mask, block.attn.impl))[0]
             return x
         res["forward_hidden"] = timed(jax.jit(hidden), params, batch, reps=a.reps)
 
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
         q = jnp.asarray(rng.normal(size=(b, t, mc.n_heads, hd)), dt)
         kv = jnp.asarray(rng.normal(size=(b, t, mc.n_kv_heads, hd)), dt)
         seg = batch["segment_ids"][:, :-1]
-        att = lambda q, k, v: attention(q, k, v, impl=mc.attention_impl, segment_ids_BxT=seg).astype(
+        att = lambda q, k, v: attention(q, k, v, impl=mc.attention_impl, mask=AttentionMask.training(seg)).astype(
             jnp.float32).sum()
         res["attention"] = mc.n_layers * timed(jax.jit(jax.value_and_grad(att, argnums=(0, 1, 2))), q, kv, kv,
                                                reps=a.reps)

@@ -124,7 +124,7 @@ def kv_footprint(cfg: Config, graphdef, params, tokens_BxT: np.ndarray) -> dict:
         model = nnx.merge(graphdef, params)
         model.rcfg = rc
         cache = model.init_cache(b, t)
-        _, cache = jax.jit(lambda toks, c: model.extend(toks, c))(jnp.asarray(tokens_BxT), cache)
+        _, cache, _ = jax.jit(lambda toks, c: model.extend(toks, c))(jnp.asarray(tokens_BxT), cache)
         held = cache.held_entries()
         recursion_blocks = (cfg.model.n_layers - 2) * held["tokens"]
         out[strategy] = {"shared_entries": held["shared"], "unique_entries": held["unique"],
