@@ -26,8 +26,8 @@ from flax import nnx
 from jaxeff.config import ModelConfig, RecursionConfig
 from jaxeff.kv.recursive_cache import RecursiveCache
 from jaxeff.models.decoder import LMEnds
-from jaxeff.models.transformer import token_positions
-from jaxeff.nn import Block, cache_attend, merge_layer_aux, self_attend
+from jaxeff.models.transformer import model_mask, token_positions
+from jaxeff.nn import Block, cache_attend, merge_layer_aux, position_impl, self_attend
 from jaxeff.nn.lora import BlockLoRA
 from jaxeff.nn.routers import ExpertChoiceRouter, TokenChoiceRouter, expert_step_aux
 from jaxeff.ops import AttentionMask, attention, routing
@@ -135,10 +135,13 @@ class RecursiveTransformer(LMEnds, nnx.Module):
             return y_BxTxD
         return jnp.where(decide_BxT[..., None], h_BxTxD + gated_delta(gate_BxT, y_BxTxD, h_BxTxD.dtype), h_BxTxD)
 
-    def _unique(self, block, h, positions_BxT, segment_ids, auxes):
-        h, _, aux = block(h, positions_BxT, self_attend(AttentionMask.training(segment_ids), block.attn.impl))
+    def _unique(self, block, h, positions_BxT, mask, auxes):
+        h, _, aux = block(h, positions_BxT, self_attend(mask, block.attn.impl))
         auxes.append(aux)
         return h
+
+    def _position_mask(self, q_pos, kv_pos, **kw) -> AttentionMask:
+        return AttentionMask.by_position(q_pos, kv_pos, pattern=self.cfg.mask, **kw)
 
     # ---------------------------------------------------------------------------------- forward
     def __call__(self, tokens_BxT: jax.Array, *, positions: jax.Array | None = None,
@@ -149,10 +152,11 @@ class RecursiveTransformer(LMEnds, nnx.Module):
         valid_BxT = jnp.ones(tokens_BxT.shape, bool) if segment_ids is None else segment_ids != 0
         h = constrain(self.embed(tokens_BxT), ("batch", "seq", "act_embed"))
         layer_auxes: list[dict] = []
+        mask = model_mask(self.cfg, tokens_BxT.shape, segment_ids)  # every token, in order: index masks
         if self.first is not None:
-            h = self._unique(self.first, h, positions_BxT, segment_ids, layer_auxes)
+            h = self._unique(self.first, h, positions_BxT, mask, layer_auxes)
         if self.rcfg.routing == "none":
-            h, aux = self._forward_plain(h, positions_BxT, segment_ids, layer_auxes), {}
+            h, aux = self._forward_plain(h, positions_BxT, mask, layer_auxes), {}
         elif self.rcfg.routing == "expert" and mode == "topk":
             h, aux = self._forward_compact(h, positions_BxT, segment_ids, valid_BxT, layer_auxes)
         else:
@@ -160,13 +164,12 @@ class RecursiveTransformer(LMEnds, nnx.Module):
             if mode != "threshold":  # training metrics stay scalars (a [B, T] array is not one)
                 aux.pop("depth", None)
         if self.last is not None:
-            h = self._unique(self.last, h, positions_BxT, segment_ids, layer_auxes)
+            h = self._unique(self.last, h, positions_BxT, mask, layer_auxes)
         return self.logits(h), {**merge_layer_aux(layer_auxes), **aux}
 
-    def _forward_plain(self, h, positions_BxT, segment_ids, layer_auxes):
+    def _forward_plain(self, h, positions_BxT, mask, layer_auxes):
         """Every token through every recursion: the recursive transformer without routing."""
         kv = self._shared_kv()
-        mask = AttentionMask.training(segment_ids)
         every_BxT = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])  # updating every token
         for j, r in self.layer_map:
             def attend(q, k, v, j=j, r=r):
@@ -214,12 +217,14 @@ class RecursiveTransformer(LMEnds, nnx.Module):
             def attend_for(j, r=r, pos_s=pos_s, seg_s=seg_s, loc=loc):
                 def attend(q, k_, v_):
                     k0, v0, (pos0, seg0) = kv.keys(j, r, k_, v_, (pos_s, seg_s), loc)
+                    impl = position_impl(self.cfg.attention_impl)
                     if self._share(r):  # this step's queries against the first step's keys
-                        mask = AttentionMask.by_position(pos_s, pos0, q_segment_ids_BxT=seg_s,
-                                                         kv_segment_ids_BxS=seg0)
-                    else:  # the gathered tokens keep causal order: index masks apply
+                        mask = self._position_mask(pos_s, pos0, q_segment_ids_BxT=seg_s, kv_segment_ids_BxS=seg0)
+                    elif self.cfg.mask in ("causal", "document"):  # gathered tokens keep causal order
                         mask = AttentionMask.training(seg_s)
-                    return attention(q, k0, v0, mask=mask, impl=self.cfg.attention_impl), None
+                    else:  # a window or chunks go by the tokens' positions, not their gathered index
+                        mask = self._position_mask(pos_s, pos_s, q_segment_ids_BxT=seg_s, kv_segment_ids_BxS=seg_s)
+                    return attention(q, k0, v0, mask=mask, impl=impl), None
                 return attend
 
             y = self._run_stack(x_s, r, pos_s, attend_for, layer_auxes)
@@ -286,9 +291,9 @@ class RecursiveTransformer(LMEnds, nnx.Module):
             def attend_for(j, r=r, decide=decide, overwrite_BxT=overwrite_BxT):
                 def attend(q, k, v):
                     k, v, kv_valid = kv.keys(j, r, k, v, decide, overwrite_BxT)
-                    mask = AttentionMask.by_position(positions_BxT, positions_BxT, kv_valid=kv_valid,
-                                                     q_segment_ids_BxT=segment_ids, kv_segment_ids_BxS=segment_ids)
-                    return attention(q, k, v, mask=mask, impl=self.cfg.attention_impl), None
+                    mask = self._position_mask(positions_BxT, positions_BxT, kv_valid=kv_valid,
+                                               q_segment_ids_BxT=segment_ids, kv_segment_ids_BxS=segment_ids)
+                    return attention(q, k, v, mask=mask, impl=position_impl(self.cfg.attention_impl)), None
                 return attend
 
             x = self._run_stack(h, r, positions_BxT, attend_for, layer_auxes)
@@ -318,12 +323,12 @@ class RecursiveTransformer(LMEnds, nnx.Module):
         added = jnp.full((b,), t, jnp.int32) if valid_lengths is None else valid_lengths.astype(jnp.int32)
         positions_BxT = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         valid_BxT = jnp.arange(t)[None, :] < added[:, None]
-        impl = self.cfg.attention_impl
+        impl, pattern = self.cfg.attention_impl, self.cfg.mask
         h = self.embed(tokens_BxT)
         unique = list(cache.unique)
         if self.first is not None:
             h, (unique[0], _), _ = self.first(h, positions_BxT, cache_attend(unique[0], positions_BxT, impl,
-                                                                             keep_BxT=valid_BxT))
+                                                                             keep_BxT=valid_BxT, pattern=pattern))
         shared = list(cache.shared)
         u = self.n_shared
         stored = lambda r: 0 if self.rcfg.kv_strategy == "share" else r
@@ -341,7 +346,8 @@ class RecursiveTransformer(LMEnds, nnx.Module):
                     layer = layer.write(k, v, jnp.where(decide_BxT[:, None, :], first_slots[j], layer.capacity))
                 shared[i] = layer
                 k_all, v_all = layer.keys_values(q.dtype)
-                return attention(q, k_all, v_all, mask=layer.mask(positions_BxT), impl=impl), None
+                return attention(q, k_all, v_all, mask=layer.mask(positions_BxT, pattern=pattern),
+                                 impl=position_impl(impl)), None
             return attend
 
         if self.rcfg.routing == "none":  # every token through the unrolled layers, in their order
@@ -357,7 +363,7 @@ class RecursiveTransformer(LMEnds, nnx.Module):
                 h, active = self._combine(h, x, decide, gate), decide
         if self.last is not None:
             h, (unique[1], _), _ = self.last(h, positions_BxT, cache_attend(unique[1], positions_BxT, impl,
-                                                                            keep_BxT=valid_BxT))
+                                                                            keep_BxT=valid_BxT, pattern=pattern))
         new_cache = RecursiveCache(unique=tuple(unique), shared=tuple(shared), lengths=cache.lengths + added,
                                    n_stored=cache.n_stored)
         return self.logits(h), new_cache, {}

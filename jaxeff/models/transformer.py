@@ -12,6 +12,7 @@ from jaxeff.models.decoder import LMEnds
 from jaxeff.nn import Block, cache_attend, merge_layer_aux, self_attend
 from jaxeff.ops import AttentionMask
 from jaxeff.parallel import constrain
+from jaxeff.sparse.model_attention import prepare_mask
 
 
 def _block_forward(block: Block, x_BxTxD, positions_BxT, mask: AttentionMask):
@@ -25,6 +26,13 @@ _block_forward_remat = nnx.remat(_block_forward)
 def token_positions(tokens_BxT: jax.Array, positions: jax.Array | None) -> jax.Array:
     b, t = tokens_BxT.shape
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
+
+
+def model_mask(cfg: ModelConfig, shape_BxT: tuple[int, int], segment_ids_BxT: jax.Array | None) -> AttentionMask:
+    """The training mask of a batch: causal, the model's pattern, packed documents; with
+    ``attention_impl='block_sparse'`` its BlockMask is built here, once for all layers."""
+    mask = AttentionMask.training(segment_ids_BxT, pattern=cfg.mask)
+    return prepare_mask(mask, cfg.attention_impl, shape_BxT[0], shape_BxT[1], cfg.attention_block)
 
 
 class Transformer(LMEnds, nnx.Module):
@@ -44,7 +52,7 @@ class Transformer(LMEnds, nnx.Module):
     def __call__(self, tokens_BxT: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
         positions_BxT = token_positions(tokens_BxT, positions)
-        mask = AttentionMask.training(segment_ids)
+        mask = model_mask(self.cfg, tokens_BxT.shape, segment_ids)
         x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "seq", "act_embed"))
         run = _block_forward_remat if self.cfg.remat else _block_forward
         auxes = []
@@ -72,7 +80,8 @@ class Transformer(LMEnds, nnx.Module):
         x_BxTxD = self.embed(tokens_BxT)
         layers, stats = [], []
         for block, layer in zip(self.blocks, cache.layers):
-            attend = cache_attend(layer, positions_BxT, block.attn.impl, keep_BxT=keep_BxT, stats_rows=stats_rows)
+            attend = cache_attend(layer, positions_BxT, block.attn.impl, keep_BxT=keep_BxT, stats_rows=stats_rows,
+                                  pattern=self.cfg.mask)
             x_BxTxD, (layer, st), _ = block(x_BxTxD, positions_BxT, attend)
             layers.append(layer)
             stats.append(st)

@@ -62,6 +62,12 @@ class Attention(nnx.Module):
         return jnp.einsum("bthk,hkd->btd", o_BxTxHxD.astype(jnp.dtype(self.dtype)), self.weight("wo", lora))
 
 
+def position_impl(impl: str) -> str:
+    """The implementation for position masks (caches, gathered tokens): the block-sparse kernel
+    takes index masks only, so a model configured with it uses the automatic choice there."""
+    return "auto" if impl == "block_sparse" else impl
+
+
 def self_attend(mask: AttentionMask, impl: str):
     """The block's queries against its own keys: ``(o, None)``."""
     def attend(q, k, v):
@@ -79,7 +85,7 @@ def cache_attend(layer: LayerKV, positions_BxT: jax.Array, impl: str, *, keep_Bx
         new_layer, _ = layer.append(k, v, positions_BxT, keep_BxT)
         k_all, v_all = new_layer.keys_values(q.dtype)
         mask = new_layer.mask(positions_BxT, pattern=pattern)
-        o = attention(q, k_all, v_all, mask=mask, impl=impl)
+        o = attention(q, k_all, v_all, mask=mask, impl=position_impl(impl))
         stats = {}
         if stats_rows:
             stats = {"probs": attention_weights(q, k_all, mask=mask, rows=stats_rows),

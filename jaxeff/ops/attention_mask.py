@@ -12,32 +12,41 @@ kernel). Two families:
   order, and per key/value head (eviction keeps different tokens in different heads), so
   ``kv_positions`` / ``kv_valid`` are ``[B, S]`` or ``[B, K, S]``; a position of -1 is an empty slot.
 
-``block_mask`` carries a :class:`jaxeff.sparse.BlockMask` (static block structure plus an element
-mask) for the block-sparse implementation; ``pattern`` names a structured model mask
-(``local:W``, ``chunked:C``) that every implementation applies on top of the causal rule.
+``block_mask`` carries a :class:`jaxeff.sparse.BlockMask` (block lists plus an element mask) for
+the block-sparse implementation, built once per batch from the rest; ``pattern`` is the model's
+mask (:func:`jaxeff.config.parse_mask`: ``local:W``, ``chunked:C``, ``custom:NAME``) that every
+implementation applies on top of the causal rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-PATTERNS = ("causal", "local", "chunked")
+from jaxeff.config import parse_mask
+
+# name -> rule(q_pos, kv_pos) -> bool, for model masks 'custom:NAME' (ANDed with causality)
+_CUSTOM_PATTERNS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {}
 
 
-def parse_pattern(pattern: str) -> tuple[str, int]:
-    """``'causal'`` / ``''`` -> ('causal', 0); ``'local:W'`` -> ('local', W): a query sees the W
-    keys before it and itself; ``'chunked:C'`` -> ('chunked', C): causal inside chunks of C."""
-    if pattern in ("", "causal"):
-        return "causal", 0
-    kind, _, arg = pattern.partition(":")
-    if kind not in ("local", "chunked") or not arg.isdigit() or int(arg) < 1:
-        raise ValueError(f"attention mask pattern must be 'causal', 'local:W' or 'chunked:C' with a positive "
-                         f"integer, got {pattern!r}")
-    return kind, int(arg)
+def register_mask_pattern(name: str, rule: Callable[[jax.Array, jax.Array], jax.Array]) -> None:
+    """Makes ``ModelConfig(mask='custom:NAME')`` mean ``rule(q_pos, kv_pos)`` (broadcasting int32
+    positions -> bool; pure arithmetic, so the block-sparse kernels can evaluate it in place)."""
+    if not name.isidentifier():
+        raise ValueError(f"register_mask_pattern: name must be an identifier, got {name!r}")
+    _CUSTOM_PATTERNS[name] = rule
+
+
+def parse_pattern(pattern: str) -> tuple[str, int | str]:
+    """:func:`jaxeff.config.parse_mask`, and a registered name for 'custom:NAME'."""
+    kind, arg = parse_mask(pattern)
+    if kind == "custom" and arg not in _CUSTOM_PATTERNS:
+        raise ValueError(f"attention mask {pattern!r}: no pattern {arg!r} is registered "
+                         f"(jaxeff.ops.register_mask_pattern); registered: {sorted(_CUSTOM_PATTERNS)}")
+    return kind, arg
 
 
 def pattern_allows(pattern: str, q_pos: jax.Array, kv_pos: jax.Array) -> jax.Array | None:
@@ -47,6 +56,8 @@ def pattern_allows(pattern: str, q_pos: jax.Array, kv_pos: jax.Array) -> jax.Arr
         return q_pos - kv_pos <= n
     if kind == "chunked":
         return q_pos // n == kv_pos // n
+    if kind == "custom":
+        return _CUSTOM_PATTERNS[n](q_pos, kv_pos)
     return None
 
 

@@ -5,6 +5,7 @@ from jaxeff.sparse.masks import (MaskFn, and_masks, causal, chunked_causal, docu
                                  local, not_mask, or_masks, prefix_lm)
 from jaxeff.sparse.block_mask import BlockMask, create_block_mask
 from jaxeff.sparse.attention import block_sparse_attention, which_impl
+from jaxeff.sparse import model_attention  # noqa: F401  (registers attention_impl='block_sparse')
 from pallas_kernels.block_sparse_attention.common import SoftCap
 
 

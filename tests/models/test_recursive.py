@@ -15,7 +15,7 @@ from jaxeff import Config, ModelConfig, RecursionConfig, RecursiveTransformer, T
 from jaxeff.config import TrainConfig
 from jaxeff.models.recursive import flops_per_token, layer_sources, sharing_map
 from jaxeff.nn.routers import ExpertChoiceRouter
-from jaxeff.ops import routing
+from jaxeff.ops import AttentionMask, routing
 from jaxeff.train import init_state, make_optimizer, make_train_step
 from jaxeff.models import build_model
 
@@ -324,11 +324,12 @@ def _masked_topk(model, tokens_BxT, segment_ids=None, positions=None):
     valid = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
     h = model.embed(tokens_BxT)
     auxes = []
+    mask = AttentionMask.training(segment_ids)
     if model.first is not None:
-        h = model._unique(model.first, h, pos, segment_ids, auxes)
+        h = model._unique(model.first, h, pos, mask, auxes)
     h, aux = model._forward_masked(h, pos, segment_ids, valid, model._decider("topk"), auxes)
     if model.last is not None:
-        h = model._unique(model.last, h, pos, segment_ids, auxes)
+        h = model._unique(model.last, h, pos, mask, auxes)
     return model.logits(h), aux
 
 
