@@ -1,5 +1,5 @@
 """The colab/ notebooks run top to bottom (code cells only, shell and magic lines dropped), on
-the CPU with few training steps."""
+the CPU with few training steps, and each matches its py:percent twin (scripts/sync_notebooks.py)."""
 
 import json
 import os
@@ -11,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
+# what each notebook prints when it ran to the end
+EXPECTED = {"mor_quickstart.ipynb": ("validation loss", "KV entries of the recursion blocks"),
+            "block_sparse_attention.ipynb": ("max |kernel - dense|", "validation loss")}
 
 
 def notebook_source(path: Path) -> str:
@@ -34,8 +37,15 @@ def test_notebook_runs(path, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "validation loss" in proc.stdout and "KV entries of the recursion blocks" in proc.stdout
+    for marker in EXPECTED[path.name]:
+        assert marker in proc.stdout, (marker, proc.stdout[-3000:])
 
 
-def test_notebooks_exist():
+def test_notebooks_exist_and_match_their_py_percent_twins():
     assert NOTEBOOKS, "colab/ holds no notebook"
+    assert {p.name for p in NOTEBOOKS} == set(EXPECTED)
+    for nb in NOTEBOOKS:
+        assert nb.with_suffix(".py").exists(), f"{nb.name} has no py:percent twin"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_notebooks.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
