@@ -13,7 +13,9 @@ key/value head (GQA without repeating K/V). Probabilities are recomputed from th
 ``score_mod`` must be elementwise in the score: its derivative comes from ``jax.jvp``.
 
 Empty rows (no allowed key) give o = 0, LSE = -inf and zero gradients. On CPU run with
-``interpret=True``; on GPU the same code lowers through Pallas' Triton backend (not tested here).
+``interpret=True``; on GPU the same code lowers through Pallas' Triton backend (the shared test
+cases passed compiled on one H200, 2026-12-01, jax 0.11.2; float32 inputs use IEEE, not TF32,
+products). A portability and correctness path: the Hopper kernel is ``mosaic_gpu.py``.
 """
 
 from __future__ import annotations
@@ -92,9 +94,17 @@ class _Mask:
         return ok
 
 
+def _dot(a, b, contract: tuple[int, int]):
+    """a @ b contracting the given axes, float32 accumulation; float32 inputs at full precision
+    (IEEE, not TF32, when lowered for GPU)."""
+    prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=prec,
+                               preferred_element_type=jnp.float32)
+
+
 def _scores(cfg: _Config, q, k, b, h, q_idx, kv_idx, with_grad: bool):
     """score_mod(q k^T * scale) in float32, and its derivative in the score when asked."""
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * cfg.scale
+    s = _dot(q, k, (1, 1)) * cfg.scale
     if cfg.score_mod is None:
         return s, None
     if not with_grad:
@@ -140,8 +150,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kvn_ref, kvi_ref, fkvn_ref, fkvi_ref, *refs
             p = jnp.exp(s - m_safe[:, None])
             alpha = jnp.exp(m - m_safe)
             l = alpha * l + p.sum(axis=-1)
-            pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
+            pv = _dot(p.astype(v.dtype), v, (1, 0))
             return m_new, l, alpha[:, None] * acc + pv
         return body
 
@@ -206,12 +215,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kvn_ref, kvi_ref
             k = k_ref[b, pl.ds(j * bk, bk), kvh, :]
             v = v_ref[b, pl.ds(j * bk, bk), kvh, :]
             p, dmod = _probs(cfg, q, k, b, h, i, j, lse, mask, masked)
-            dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            dp = _dot(do, v, (1, 1))
             ds = p * (dp - delta[:, None])
             if dmod is not None:
                 ds = ds * dmod
-            return dq + jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
+            return dq + _dot(ds.astype(k.dtype), k, (1, 0))
         return body
 
     dq = jnp.zeros(q.shape, jnp.float32)
@@ -241,14 +249,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qn_ref, qi_ref,
                 lse = lse_ref[b, h, pl.ds(i * bq, bq)]
                 delta = delta_ref[b, h, pl.ds(i * bq, bq)]
                 p, dmod = _probs(cfg, q, k, b, h, i, j, lse, mask, masked)
-                dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                              preferred_element_type=jnp.float32)
-                dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
+                dp = _dot(do, v, (1, 1))
                 ds = p * (dp - delta[:, None])
                 if dmod is not None:
                     ds = ds * dmod
-                dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                              preferred_element_type=jnp.float32)
+                dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
                 return dk, dv
             return body
 
@@ -269,7 +275,8 @@ def _backward(cfg: _Config, res, cts):
     nq, nk = layout.n_q_blocks, layout.n_kv_blocks
     tp, sp = qp.shape[1], kp.shape[1]
     dop = _pad_axis(do, 1, tp)
-    delta = jnp.einsum("bthd,bthd->bht", op.astype(jnp.float32), dop.astype(jnp.float32))
+    delta = jnp.einsum("bthd,bthd->bht", op.astype(jnp.float32), dop.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
     if dlse is not None:
         delta = delta - _pad_axis(dlse.astype(jnp.float32), 2, tp)
     masks = _mask_arrays(em, tp, sp)
