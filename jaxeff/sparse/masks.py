@@ -18,6 +18,7 @@ dense unless marked index-only with :func:`index_mask`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -91,7 +92,10 @@ class MaskFn:
         if rest:
             part = rest[0] if len(rest) == 1 else And(rest)
             db, dh = part.dims()
-            dense = evaluate(part, ub if db == UNKNOWN else db, uh if dh == UNKNOWN else dh, q_len, kv_len)
+            # A static mask stays static under jit (splash needs it concrete): evaluate it eagerly.
+            static = not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(part))
+            with jax.ensure_compile_time_eval() if static else contextlib.nullcontext():
+                dense = evaluate(part, ub if db == UNKNOWN else db, uh if dh == UNKNOWN else dh, q_len, kv_len)
         return ElementMask(q_segment_ids=q_seg, kv_segment_ids=kv_seg, dense=dense, index_fn=index_fn)
 
     def __and__(self, other) -> MaskFn:

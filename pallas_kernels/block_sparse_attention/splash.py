@@ -175,6 +175,11 @@ def _rows_nonempty(mask: sm.Mask, q_len: int, kv_len: int, rows: int, qseg=None,
     return True
 
 
+@functools.lru_cache(maxsize=32)
+def _static_rows_nonempty(mask: sm.Mask, q_len: int, kv_len: int, rows: int) -> bool:
+    return _rows_nonempty(mask, q_len, kv_len, rows)
+
+
 def to_splash(layout: SparseLayout, em: ElementMask, *, batch: int, heads: int) -> SplashPlan:
     """Converts a layout + element mask to splash masks (see the module docstring). Raises
     ``ValueError`` when the mask needs dense evaluation but its arrays are traced."""
@@ -199,7 +204,7 @@ def to_splash(layout: SparseLayout, em: ElementMask, *, batch: int, heads: int) 
             if q_np is not None and kv_np is not None:
                 may_be_empty = not all(_rows_nonempty(head_mask, t, s, bq, q_np[b], kv_np[b]) for b in range(batch))
         else:
-            may_be_empty = not _rows_nonempty(head_mask, t, s, bq)
+            may_be_empty = not _static_rows_nonempty(head_mask, t, s, bq)
         return SplashPlan((multi,), qseg, kvseg, t, s, shape, bq, bk, may_be_empty)
 
     arrays = [layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices,

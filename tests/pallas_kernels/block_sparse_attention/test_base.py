@@ -1,7 +1,7 @@
 """Shared cases for every block-sparse attention implementation (tokamax-style test base).
 
 Subclass :class:`AttentionTestBase` in ``test_<impl>.py`` and set ``impl`` (and ``interpret``,
-``cases``, ``lse_grad`` as needed); each case builds fresh random inputs, a dense element mask,
+``cases`` (e.g. ``HOPPER_CASES``), ``lse_grad``, ``skip_blocks`` as needed); each case builds fresh random inputs, a dense element mask,
 the layout from it (a numpy construction written here, independent of ``jaxeff.sparse``) and an
 ``ElementMask`` that exercises index functions, segment ids and dense tiles, then compares
 outputs, LSE and gradients (dq, dk, dv through ``jax.vjp`` with random cotangents on o and, where
@@ -107,6 +107,17 @@ CASES = (
     Case("bf16_document_softcap", 2, 100, 100, 2, 1, 32, 32, 32, "document", "bfloat16", soft_cap=10.0),
 )
 
+# Cases shaped for kernels with 128 x 128 tiles and 16-bit inputs (e.g. the Hopper kernel):
+# ``cases = HOPPER_CASES`` in a subclass.
+HOPPER_CASES = (
+    Case("hopper_causal_gqa2", 1, 256, 256, 4, 2, 64, 128, 128, "causal", "bfloat16"),
+    Case("hopper_document_gqa2", 2, 200, 200, 4, 2, 128, 128, 128, "document", "bfloat16"),
+    Case("hopper_random_uneven_t_ne_s", 1, 300, 200, 2, 2, 64, 128, 128, "random", "float16"),
+    Case("hopper_empty_rows", 1, 130, 140, 2, 1, 64, 128, 128, "empty_rows", "bfloat16"),
+    Case("hopper_softcap_local_gqa4", 1, 256, 256, 4, 1, 64, 128, 128, "local", "bfloat16", soft_cap=20.0),
+    Case("hopper_all_true", 1, 256, 384, 2, 2, 128, 128, 128, "full", "float16"),
+)
+
 TOLERANCES = {"float32": dict(o=2e-5, lse=2e-5, grad=1e-4), "bfloat16": dict(o=3e-2, lse=3e-2, grad=6e-2),
               "float16": dict(o=5e-3, lse=5e-3, grad=1e-2)}
 
@@ -168,6 +179,8 @@ class AttentionTestBase:
     interpret: bool | None = True
     cases = CASES
     lse_grad = True  # whether gradients flow through the returned LSE
+    # test_skips_unlisted_blocks: (block_q, block_kv, head_dim, dtype)
+    skip_blocks = (16, 32, 32, "float32")
 
     def attend(self, q, k, v, layout, em, *, score_mod=None, return_lse=True):
         return api.block_sparse_attention(q, k, v, layout, em, score_mod=score_mod, impl=self.impl,
@@ -220,23 +233,26 @@ class AttentionTestBase:
     def test_skips_unlisted_blocks(self):
         """K/V blocks that no list names are NaN: a kernel that loaded them would return NaN (0 *
         NaN in p @ v), so finite, reference-equal outputs show they were skipped."""
-        case = Case("skip", 1, 64, 96, 2, 1, 32, 16, 32, "random")
+        bq, bk, d, dtype = self.skip_blocks
+        t, s = 4 * bq, 3 * bk
+        case = Case("skip", 1, t, s, 2, 1, d, bq, bk, "random", dtype)
         rng = _rng("skip")
-        dense = np.zeros((1, 2, 64, 96), bool)
-        dense[:, :, :, 32:64] = rng.random((1, 2, 64, 32)) < 0.5  # kv block 1: partial
-        dense[:, 0, 16:48, 64:96] = True  # kv block 2: full for some query blocks of head 0
-        layout = layout_from_dense(dense, case.bq, case.bk)
+        dense = np.zeros((1, 2, t, s), bool)
+        dense[:, :, :, bk:2 * bk] = rng.random((1, 2, t, bk)) < 0.5  # kv block 1: partial
+        dense[:, 0, bq:3 * bq, 2 * bk:] = True  # kv block 2: full for some query blocks of head 0
+        layout = layout_from_dense(dense, bq, bk)
         em = ElementMask(dense=jnp.asarray(dense))
         q, k, v = make_inputs(case, rng)
         self._skip_unless_applies(q, k, v, layout, em, None)
-        o_r, lse_r = reference.attention(q, k, v, jnp.asarray(dense), return_lse=True)
-        k_nan = k.at[:, :32].set(jnp.nan)
-        v_nan = v.at[:, :32].set(jnp.nan)
-        o, lse = self.attend(q, k_nan, v_nan, layout, em)
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        o_r, _ = reference.attention(*f32, jnp.asarray(dense), return_lse=True)
+        k_nan = k.at[:, :bk].set(jnp.nan)
+        v_nan = v.at[:, :bk].set(jnp.nan)
+        o, _ = self.attend(q, k_nan, v_nan, layout, em)
         _close("o", o, o_r, TOLERANCES[case.dtype]["o"])
         do = jnp.asarray(rng.standard_normal(q.shape), q.dtype)
         _, vjp = jax.vjp(lambda q, k, v: self.attend(q, k, v, layout, em, return_lse=False)[0], q, k_nan, v_nan)
         dq, dk, dv = vjp(do)
-        assert np.isfinite(np.asarray(dq)).all()
-        np.testing.assert_array_equal(np.asarray(dk[:, :32]), 0.0)
-        np.testing.assert_array_equal(np.asarray(dv[:, :32]), 0.0)
+        assert np.isfinite(np.asarray(dq, np.float32)).all()
+        np.testing.assert_array_equal(np.asarray(dk[:, :bk], np.float32), 0.0)
+        np.testing.assert_array_equal(np.asarray(dv[:, :bk], np.float32), 0.0)

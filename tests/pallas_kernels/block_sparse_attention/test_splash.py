@@ -112,6 +112,19 @@ def test_end_to_end_structured_with_traced_segment_ids():
     np.testing.assert_allclose(lse, lse_r, atol=2e-5)
 
 
+def test_dense_path_under_jit_with_a_static_mask_closed_over():
+    rng = np.random.default_rng(4)
+    t, h = 128, 2
+    dense = rng.random((h, t, t)) < 0.2
+    dense[:, :, 0] = True
+    bm = sparse.create_block_mask(sparse.from_dense(dense), None, h, t, t, block_q=64, block_kv=128)
+    q = jnp.asarray(rng.standard_normal((1, t, h, 32)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, t, 1, 32)), jnp.float32)
+    o = jax.jit(lambda q, k: sparse.block_sparse_attention(q, k, k, bm, impl="splash", interpret=True))(q, k)
+    o_r, _ = reference.attention(q, k, k, bm.to_dense())
+    np.testing.assert_allclose(o, o_r, atol=2e-5)
+
+
 class TestSplashInterpret(AttentionTestBase):
     """The shared cases that splash supports (block_kv a multiple of 128; block_q too with segment
     ids; soft-capping as the only score_mod), run by splash's kernel in TPU interpret mode. Their
@@ -119,9 +132,10 @@ class TestSplashInterpret(AttentionTestBase):
     impl = "splash"
     interpret = True
     lse_grad = False  # splash's kernel does not differentiate its LSE
+    skip_blocks = (64, 128, 32, "float32")
     cases = (
         Case("splash_causal_gqa2", 1, 256, 256, 4, 2, 32, 64, 128, "causal"),
-        Case("splash_random_uneven", 2, 200, 130, 2, 1, 32, 64, 128, "random"),
+        Case("splash_random_uneven", 1, 200, 130, 2, 1, 32, 64, 128, "random"),
         Case("splash_empty_rows_softcap", 1, 100, 128, 2, 1, 32, 32, 128, "empty_rows", soft_cap=5.0),
         Case("splash_document_bf16", 2, 128, 128, 2, 1, 64, 128, 128, "document", "bfloat16", soft_cap=20.0),
     )
