@@ -44,8 +44,8 @@ class Implementation:
             return False, why
         try:
             mod = self.load()
-        except ImportError as e:
-            return False, f"{_PKG}.{self.module} cannot be imported ({e})"
+        except Exception as e:  # noqa: BLE001 - a module that does not import is a reason, not a crash
+            return False, f"{_PKG}.{self.module} cannot be imported ({type(e).__name__}: {e})"
         if hasattr(mod, "applies"):
             return mod.applies(q, k, v, layout, element_mask, score_mod=score_mod, interpret=interpret)
         return True, "ok"

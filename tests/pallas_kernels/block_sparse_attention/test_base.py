@@ -100,7 +100,7 @@ CASES = (
     Case("random_cross_t_ne_s", 2, 64, 96, 2, 2, 16, 32, 32, "random"),
     Case("empty_rows", 1, 70, 50, 2, 1, 32, 16, 16, "empty_rows"),
     Case("all_true", 1, 72, 72, 2, 2, 32, 64, 64, "full"),
-    Case("per_head_index_fn", 1, 48, 48, 4, 2, 16, 16, 16, "per_head"),
+    Case("fp16_per_head_index_fn", 1, 48, 48, 4, 2, 16, 16, 16, "per_head", "float16"),
     Case("softcap_local", 1, 96, 96, 4, 2, 32, 32, 32, "local", soft_cap=5.0),
     Case("block128_random", 1, 150, 200, 2, 1, 32, 128, 128, "random"),
     Case("bf16_causal", 1, 128, 128, 4, 2, 64, 64, 64, "causal", "bfloat16"),
