@@ -25,8 +25,8 @@ Empty rows: splash divides by a zero row sum when a query block has no computed 
 masked keys when a row is masked inside computed blocks; rows with no allowed key are therefore
 fixed afterwards (o = 0, LSE = -inf) from splash's LSE, inside a ``custom_vjp`` whose backward
 re-runs splash's own VJP (one extra forward). When every row is known to see a key and the LSE is
-not asked for, splash's VJP is used directly. Gradients through the returned LSE are not
-supported on this path.
+not asked for, splash's VJP is used directly. A gradient through the returned LSE raises
+``NotImplementedError`` on this path (splash does not differentiate its LSE).
 """
 
 from __future__ import annotations
@@ -300,18 +300,24 @@ def block_sparse_attention(q, k, v, layout: SparseLayout, element_mask: ElementM
         valid = lse > EMPTY_LSE
         return jnp.where(valid[..., None], o, 0).astype(o.dtype), jnp.where(valid, lse, -jnp.inf)
 
-    def attend_fwd(q_, k_, v_):
+    def attend_fwd(q_, k_, v_):  # symbolic_zeros: the primals come wrapped
+        q_, k_, v_ = q_.value, k_.value, v_.value
         o, lse = attend(q_, k_, v_)
         return (o, lse), (q_, k_, v_, lse)
 
     def attend_bwd(res, cts):
         q_, k_, v_, lse = res
-        do, _ = cts  # splash's kernel has no gradient through the LSE
+        do, dlse = cts
+        if not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
+            raise NotImplementedError("splash block_sparse_attention: no gradient through the returned LSE "
+                                      "(splash's kernel does not differentiate it); use impl='pallas' or 'reference'")
+        if isinstance(do, jax.custom_derivatives.SymbolicZero):
+            return tuple(jnp.zeros_like(x) for x in (q_, k_, v_))
         do = jnp.where((lse > -jnp.inf)[..., None], do, 0).astype(do.dtype)
         _, vjp = jax.vjp(lambda a, b_, c: run(plain, a, b_, c), q_, k_, v_)
         return vjp(do)
 
-    attend.defvjp(attend_fwd, attend_bwd)
+    attend.defvjp(attend_fwd, attend_bwd, symbolic_zeros=True)
     o, lse = attend(qh, kh, vh)
     o = o.transpose(0, 2, 1, 3)[:, :t]
     return o, (lse[:, :, :t] if return_lse else None)

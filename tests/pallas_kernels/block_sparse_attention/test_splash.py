@@ -112,6 +112,21 @@ def test_end_to_end_structured_with_traced_segment_ids():
     np.testing.assert_allclose(lse, lse_r, atol=2e-5)
 
 
+def test_gradient_through_the_lse_is_refused_not_dropped():
+    t = 128
+    q = jnp.ones((1, t, 2, 32))
+    k = jnp.ones((1, t, 1, 32))
+    bm = sparse.create_block_mask(sparse.causal(), None, None, t, t, block_q=64, block_kv=128)
+
+    def loss(q, use_lse):
+        o, lse = sparse.block_sparse_attention(q, k, k, bm, impl="splash", interpret=True, return_lse=True)
+        return o.sum() + (lse.sum() if use_lse else 0.0)
+
+    assert np.isfinite(np.asarray(jax.grad(loss)(q, False))).all()
+    with pytest.raises(NotImplementedError, match="LSE"):
+        jax.grad(loss)(q, True)
+
+
 def test_dense_path_under_jit_with_a_static_mask_closed_over():
     rng = np.random.default_rng(4)
     t, h = 128, 2
