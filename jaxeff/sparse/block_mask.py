@@ -26,7 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxeff.sparse.masks import MaskFn, as_mask_fn, evaluate
+from jaxeff.sparse.masks import BlockTable, MaskFn, as_mask_fn, evaluate
 from pallas_kernels.block_sparse_attention.common import ElementMask, SparseLayout, block_states
 
 MIN_BLOCK = 16
@@ -94,7 +94,8 @@ class BlockMask:
         """How kernels evaluate partial blocks (``common.ElementMask``), for inputs with ``batch``
         rows and ``heads`` query heads (default: the mask's own, possibly broadcast, sizes)."""
         b, h, q, k = self.shape
-        return self.mask_fn.element_mask(batch or b, heads or h, q, k, unknown_dims=(b, h))
+        return self.mask_fn.element_mask(batch or b, heads or h, q, k, unknown_dims=(b, h),
+                                         aligned_blocks=self.block_size)
 
     def to_dense(self) -> jax.Array:
         """The element mask [B, H, Q_LEN, KV_LEN] (bool) evaluated from ``mask_fn`` directly (not
@@ -153,9 +154,22 @@ def _classify(mask_fn: MaskFn, batch: int, heads: int, q_len: int, kv_len: int, 
     return states.reshape(batch, heads, nq, nk)
 
 
+def _table_states(table: BlockTable, batch: int, heads: int, q_len: int, kv_len: int, bq: int, bk: int):
+    """Block states of a block table at its own block size: full where the table says so, but
+    partial where a block holds padding (past Q_LEN or KV_LEN)."""
+    nq, nk = -(-q_len // bq), -(-kv_len // bk)
+    on = jnp.broadcast_to(table.table, (batch, heads, nq, nk))
+    padded = (jnp.arange(nq) == nq - 1)[:, None] & (q_len % bq != 0) | (jnp.arange(nk) == nk - 1)[None, :] & (
+        kv_len % bk != 0)
+    return jnp.where(on, jnp.where(padded, 1, 2), 0).astype(jnp.int8)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
 def _build(mask_fn, batch, heads, q_len, kv_len, bq, bk):
-    states = _classify(mask_fn, batch, heads, q_len, kv_len, bq, bk)
+    if isinstance(mask_fn, BlockTable) and (mask_fn.block_q, mask_fn.block_kv) == (bq, bk):
+        states = _table_states(mask_fn, batch, heads, q_len, kv_len, bq, bk)
+    else:
+        states = _classify(mask_fn, batch, heads, q_len, kv_len, bq, bk)
     partial, full = states == 1, states == 2
     kvn, kvi = _list_from_flags(partial)
     fkvn, fkvi = _list_from_flags(full)

@@ -70,17 +70,21 @@ class MaskFn:
         return (self,)
 
     def element_mask(self, batch: int, heads: int, q_len: int, kv_len: int,
-                     unknown_dims: tuple[int, int] | None = None) -> ElementMask:
+                     unknown_dims: tuple[int, int] | None = None,
+                     aligned_blocks: tuple[int, int] | None = None) -> ElementMask:
         """The kernel-side description (``common.ElementMask``) for inputs of this batch size,
         number of heads and lengths. Dense parts are materialised over the axes they vary along;
         along an axis of unknown dependence (custom callables) at ``unknown_dims`` (the sizes the
-        block lists were built with; default ``(batch, heads)``)."""
+        block lists were built with; default ``(batch, heads)``). ``aligned_blocks``: the block
+        size of the lists, which block tables of that size need not be evaluated for."""
         ub, uh = unknown_dims or (batch, heads)
         parts = self.and_parts()
         index_parts = tuple(p for p in parts if p.index_only)
         docs = [p for p in parts if isinstance(p, Document)]
         doc = docs[0] if docs else None
-        rest = tuple(p for p in parts if not p.index_only and p is not doc)
+        # a block table aligned with the lists decides whole blocks: nothing to evaluate inside
+        rest = tuple(p for p in parts if not p.index_only and p is not doc
+                     and not (isinstance(p, BlockTable) and aligned_blocks == (p.block_q, p.block_kv)))
         index_fn = None
         if index_parts:
             index_fn = index_parts[0] if len(index_parts) == 1 else And(index_parts)
@@ -248,6 +252,36 @@ class FromDense(MaskFn):
         bi = 0 if bd == 1 else b
         hi = 0 if hd == 1 else h
         return self.mask[bi, hi, _clip(q_idx, q), _clip(kv_idx, k)]
+
+
+@_mask_dataclass
+class BlockTable(MaskFn):
+    """A mask given per block: element (q, kv) is allowed iff ``table[b, h, q // block_q,
+    kv // block_kv]``. Built with the same block sizes, a BlockMask of it has only full and empty
+    blocks (partial ones only where the lengths are not block multiples, masked by length), so
+    kernels never need its elements: what block-selection methods return."""
+    table: jax.Array = None  # [Bt, Ht, nQ, nK] bool
+    block_q: int = _static(default=128)
+    block_kv: int = _static(default=128)
+
+    def dims(self):
+        return self.table.shape[:2]
+
+    def check(self, batch, heads, q_len, kv_len):
+        bt, ht, nq, nk = self.table.shape
+        want = (-(-q_len // self.block_q), -(-kv_len // self.block_kv))
+        if (nq, nk) != want:
+            raise ValueError(f"from_blocks(table): table has {nq} x {nk} blocks, lengths (Q_LEN={q_len}, "
+                             f"KV_LEN={kv_len}) in blocks of ({self.block_q}, {self.block_kv}) need {want[0]} x {want[1]}")
+        _check_batch("from_blocks(table)", bt, batch)
+        if ht != 1 and ht != heads:
+            raise ValueError(f"from_blocks(table): table has {ht} heads but H={heads}"
+                             + (" (pass H to create_block_mask)" if heads is None else ""))
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        bt, ht, nq, nk = self.table.shape
+        return self.table[0 if bt == 1 else b, 0 if ht == 1 else h,
+                          _clip(jnp.asarray(q_idx) // self.block_q, nq), _clip(jnp.asarray(kv_idx) // self.block_kv, nk)]
 
 
 @_mask_dataclass
@@ -423,6 +457,23 @@ def from_dense(mask) -> MaskFn:
         raise ValueError(f"from_dense: mask must be [Q, K], [H, Q, K] or [B, H, Q, K], got shape {tuple(mask.shape)}")
     mask = jnp.asarray(mask)
     return FromDense(mask.reshape((1,) * (4 - mask.ndim) + mask.shape))
+
+
+def from_blocks(table, block_q: int = 128, block_kv: int | None = None) -> MaskFn:
+    """A mask given per block: a boolean table [nQ, nK], [H, nQ, nK] or [B, H, nQ, nK] over blocks
+    of ``block_q`` x ``block_kv`` (default: square) tokens. ``create_block_mask`` with the same
+    block sizes lists exactly the table's blocks, without evaluating elements."""
+    if not hasattr(table, "shape") or not hasattr(table, "dtype"):
+        table = np.asarray(table)
+    if table.dtype != jnp.bool_:
+        raise ValueError(f"from_blocks: table must be a boolean array, got {table.dtype}")
+    if table.ndim not in (2, 3, 4):
+        raise ValueError(f"from_blocks: table must be [nQ, nK], [H, nQ, nK] or [B, H, nQ, nK], got shape "
+                         f"{tuple(table.shape)}")
+    block_q = _int("from_blocks: block_q", block_q, minimum=1)
+    block_kv = block_q if block_kv is None else _int("from_blocks: block_kv", block_kv, minimum=1)
+    table = jnp.asarray(table)
+    return BlockTable(table.reshape((1,) * (4 - table.ndim) + table.shape), block_q, block_kv)
 
 
 def index_mask(fn: Callable) -> MaskFn:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxeff import sparse
+from jaxeff import sparse as sp
 from jaxeff.sparse import block_mask as block_mask_lib
 
 RNG = np.random.default_rng(1)
@@ -230,3 +231,46 @@ def test_dense_parts_use_the_block_lists_batch_and_heads():
     bm = sparse.create_block_mask(fn, None, None, 32, 32, block_q=16, block_kv=16)
     em = bm.element_mask(batch=4, heads=8)
     assert em.dense.shape == (1, 1, 32, 32) and em.q_segment_ids.shape == (4, 32)
+
+
+# --- block tables (what block-selection methods return) -------------------------------------------
+
+@pytest.mark.parametrize("q_len,kv_len", [(64, 64), (50, 70)])
+def test_from_blocks_lists_exactly_the_table_and_needs_no_element_mask(q_len, kv_len):
+    rng = np.random.default_rng(3)
+    nq, nk = -(-q_len // 16), -(-kv_len // 16)
+    table = rng.random((2, 3, nq, nk)) < 0.4
+    bm = sp.create_block_mask(sp.from_blocks(table, 16), 2, 3, q_len, kv_len, block_q=16, block_kv=16)
+    states = np.asarray(bm.block_states())
+    padded = np.zeros((nq, nk), bool)
+    padded[-1, :] |= q_len % 16 != 0
+    padded[:, -1] |= kv_len % 16 != 0
+    np.testing.assert_array_equal(states > 0, table)
+    np.testing.assert_array_equal(states == 1, table & padded)  # only padding makes a block partial
+    dense = np.repeat(np.repeat(table, 16, 2), 16, 3)[:, :, :q_len, :kv_len]
+    np.testing.assert_array_equal(np.asarray(bm.to_dense()), dense)
+    assert bm.element_mask().dense is None  # nothing to evaluate inside blocks
+    # at another block size the table is an ordinary (dense) mask and still exact
+    other = sp.create_block_mask(sp.from_blocks(table, 16), 2, 3, q_len, kv_len, block_q=32, block_kv=32)
+    assert other.element_mask().dense is not None
+    np.testing.assert_array_equal(np.asarray(other.to_dense()), dense)
+
+
+def test_from_blocks_attention_equals_dense_reference():
+    rng = np.random.default_rng(4)
+    table = rng.random((1, 2, 4, 4)) < 0.5
+    table[0, 0, 1] = False  # an empty query block
+    bm = sp.create_block_mask(sp.from_blocks(table, 16), 1, 2, 64, 64, block_q=16, block_kv=16)
+    q = jnp.asarray(rng.normal(size=(1, 64, 2, 16)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(1, 64, 1, 16)), jnp.float32)
+    out = sp.block_sparse_attention(q, kv, kv, bm, impl="pallas")
+    want = sp.block_sparse_attention(q, kv, kv, bm, impl="reference")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert not np.asarray(out[0, 16:32, 0]).any()
+
+
+def test_from_blocks_rejects_bad_tables():
+    with pytest.raises(ValueError, match="from_blocks: table must be a boolean"):
+        sp.from_blocks(np.ones((2, 2), np.int32))
+    with pytest.raises(ValueError, match="table has 2 x 2 blocks"):
+        sp.create_block_mask(sp.from_blocks(np.ones((2, 2), bool), 16), None, None, 64, 64, block_q=16, block_kv=16)

@@ -1,0 +1,329 @@
+"""Block-sparse attention on one GPU: jaxeff's Hopper kernel against cuDNN, PyTorch FlexAttention
+and tokamax's Mosaic GPU attention, on the same inputs and masks, in one run.
+
+Two processes share the work (jax and torch each want the GPU's memory): ``--part jax`` times
+jaxeff (``impl='mosaic_gpu'``), cuDNN and tokamax and writes the masks' block tables to
+``--tables``; ``--part torch`` reads them and times FlexAttention over the same blocks;
+``--part merge`` joins both into one JSON and prints the table. ``bash
+experiments/bench_attention.sh`` runs the three.
+
+Effective TFLOP/s counts the FLOPs of the allowed (query, key) pairs only:
+4 * B * H * S^2 * D * density forward, 2.5x that for the backward (so fwd+bwd is 3.5x).
+Masks (128 x 128 blocks): dense, causal, local 2048 (causal sliding window), document (4
+documents per row, causal inside), random 25% and 10% of blocks (per head), and a dynamic mask:
+the top 10% of key blocks per query block by a mean-pooled q.k score (plus the diagonal).
+Timings: warm-up, then the median of ``--reps`` runs timed with a device sync around each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+BLOCK = 128
+MASKS = ("dense", "causal", "local2048", "document", "random25", "random10", "dynamic10")
+
+
+def shapes(quick: bool):
+    """(name, B, H, K, S, D, masks) cases."""
+    if quick:
+        return [("B1 H2 S512", 1, 2, 2, 512, 128, MASKS)]
+    main = [("B2 H16 S16384", 2, 16, 16, 16384, 128, MASKS),
+            ("B2 H16/K4 S16384 (GQA)", 2, 16, 4, 16384, 128, ("causal", "local2048", "random10")),
+            ("B2 H16 S4096", 2, 16, 16, 4096, 128, ("dense", "causal", "local2048", "random10")),
+            ("B2 H16 S32768", 2, 16, 16, 32768, 128, ("dense", "causal", "local2048", "random10"))]
+    return main
+
+
+def block_table(mask: str, b: int, h: int, s: int, rng: np.random.Generator, q=None, k=None) -> np.ndarray:
+    """[B, H, nQ, nK] bool: the blocks a block-table mask computes (random and dynamic masks)."""
+    n = s // BLOCK
+    if mask.startswith("random"):
+        frac = int(mask[len("random"):]) / 100
+        return rng.random((b, h, n, n)) < frac
+    raise ValueError(mask)
+
+
+def documents(b: int, s: int, rng: np.random.Generator) -> np.ndarray:
+    """[B, S] int32 ids of 4 documents per row, boundaries at random positions."""
+    out = np.zeros((b, s), np.int32)
+    for r in range(b):
+        cuts = np.sort(rng.choice(np.arange(1, s), 3, replace=False))
+        out[r] = np.searchsorted(cuts, np.arange(s), side="right") + 1
+    return out
+
+
+def flops(b, h, s, d, density):
+    return 4.0 * b * h * s * s * d * density
+
+
+# ------------------------------------------------------------------------------------ jax side
+
+def jax_part(a) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import jaxeff.sparse as sp
+
+    dev = jax.devices()[0]
+    print(f"[jax] {dev.device_kind}, jax {jax.__version__}", flush=True)
+
+    def timeit(fn, *args, reps=a.reps, warmup=2):
+        out = fn(*args)
+        jax.block_until_ready(out)
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    try:
+        import tokamax
+    except Exception as e:  # noqa: BLE001 - a peer that is not installed is reported, not fatal
+        tokamax = None
+        print(f"[jax] tokamax not available: {type(e).__name__}: {e}", flush=True)
+
+    rows, tables = [], {}
+    for case, b, h, kh, s, d, masks in shapes(a.quick):
+        rng = np.random.default_rng(s + h + kh)
+        key = jax.random.key(s)
+        kq, kk, kv, kg = jax.random.split(key, 4)
+        q = jax.random.normal(kq, (b, s, h, d), jnp.bfloat16)
+        k = jax.random.normal(kk, (b, s, kh, d), jnp.bfloat16)
+        v = jax.random.normal(kv, (b, s, kh, d), jnp.bfloat16)
+        g = jax.random.normal(kg, (b, s, h, d), jnp.bfloat16)  # output cotangent
+        n = s // BLOCK
+        docs = documents(b, s, rng)
+        for mask in masks:
+            if mask == "dense":
+                fn, bh = sp.local(None, None), (None, None)  # every key
+            elif mask == "causal":
+                fn, bh = sp.causal(), (None, None)
+            elif mask == "local2048":
+                fn, bh = sp.local(2048, 0), (None, None)
+            elif mask == "document":
+                fn, bh = sp.and_masks(sp.document(jnp.asarray(docs)), sp.causal()), (b, None)
+            elif mask == "dynamic10":
+                # mean-pooled q.k per block pair, top 10% of key blocks per query block, + diagonal
+                qp = q.reshape(b, n, BLOCK, kh, h // kh, d).astype(jnp.float32).mean(2)
+                kp = k.reshape(b, n, BLOCK, kh, d).astype(jnp.float32).mean(2)
+                score = jnp.einsum("bikgd,bjkd->bkgij", qp, kp).reshape(b, h, n, n)
+                top = max(1, n // 10)
+                thr = jax.lax.top_k(score, top)[0][..., -1:]
+                table = np.asarray((score >= thr) | jnp.eye(n, dtype=bool))
+                fn, bh = sp.from_blocks(table, BLOCK), (b, h)
+                tables[f"{case}|{mask}"] = table
+            else:
+                table = block_table(mask, b, h, s, rng)
+                fn, bh = sp.from_blocks(table, BLOCK), (b, h)
+                tables[f"{case}|{mask}"] = table
+            bm = sp.create_block_mask(fn, bh[0], bh[1], s, s, block_q=BLOCK, block_kv=BLOCK)
+            bm = jax.block_until_ready(bm)
+            density = _element_density(bm, mask, docs, s)
+            blocks = float(bm.block_density())
+            base = dict(case=case, B=b, H=h, K=kh, S=s, D=d, mask=mask, density=density, block_density=blocks)
+            f_fwd = flops(b, h, s, d, density)
+
+            def record(impl, fwd_s, bwd_s=None, **extra):
+                r = dict(base, impl=impl, fwd_ms=1e3 * fwd_s, fwd_tflops=f_fwd / fwd_s / 1e12, **extra)
+                if bwd_s is not None:
+                    r.update(fwdbwd_ms=1e3 * bwd_s, fwdbwd_tflops=3.5 * f_fwd / bwd_s / 1e12)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+
+            # jaxeff
+            try:
+                fwd = jax.jit(lambda q, k, v, bm: sp.block_sparse_attention(q, k, v, bm, impl="mosaic_gpu"))
+                fb = jax.jit(lambda q, k, v, g, bm: jax.vjp(
+                    lambda q, k, v: sp.block_sparse_attention(q, k, v, bm, impl="mosaic_gpu"), q, k, v)[1](g))
+                t_f = timeit(fwd, q, k, v, bm)
+                t_b = timeit(fb, q, k, v, g, bm)
+                extra = {}
+                if mask in ("local2048", "document") and s == 16384 and h == kh:
+                    # the same, with the BlockMask built inside the jitted step each call
+                    seg = jnp.asarray(docs)
+
+                    def traced(q, k, v, seg):
+                        m = sp.local(2048, 0) if mask == "local2048" else sp.and_masks(sp.document(seg), sp.causal())
+                        bm_t = sp.create_block_mask(m, bh[0], None, s, s, block_q=BLOCK, block_kv=BLOCK)
+                        return sp.block_sparse_attention(q, k, v, bm_t, impl="mosaic_gpu")
+                    extra["traced_mask_fwd_ms"] = 1e3 * timeit(jax.jit(traced), q, k, v, seg)
+                record("jaxeff mosaic_gpu", t_f, t_b, **extra)
+            except Exception as e:  # noqa: BLE001 - report and go on to the peers
+                print(f"[jax] jaxeff {case} {mask}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+                rows.append(dict(base, impl="jaxeff mosaic_gpu", error=f"{type(e).__name__}: {str(e)[:400]}"))
+
+            # cuDNN: dense and causal only
+            if mask in ("dense", "causal"):
+                causal = mask == "causal"
+                cf = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                                          implementation="cudnn"))
+                cb = jax.jit(lambda q, k, v, g: jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
+                    q, k, v, is_causal=causal, implementation="cudnn"), q, k, v)[1](g))
+                record("cudnn", timeit(cf, q, k, v), timeit(cb, q, k, v, g))
+
+            # tokamax Mosaic GPU: dense, causal, local
+            if tokamax is not None and mask in ("dense", "causal", "local2048"):
+                kw = dict(is_causal=mask != "dense", implementation="mosaic")
+                if mask == "local2048":
+                    kw["local_window_size"] = (2048, 0)
+                try:
+                    tf = jax.jit(lambda q, k, v: tokamax.dot_product_attention(q, k, v, **kw))
+                    tb = jax.jit(lambda q, k, v, g: jax.vjp(lambda q, k, v: tokamax.dot_product_attention(
+                        q, k, v, **kw), q, k, v)[1](g))
+                    record("tokamax mosaic", timeit(tf, q, k, v), timeit(tb, q, k, v, g))
+                except Exception as e:  # noqa: BLE001
+                    print(f"[jax] tokamax {case} {mask}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        del q, k, v, g
+    np.savez_compressed(a.tables, **{k.replace("|", "__").replace(" ", "_").replace("/", "-"): v
+                                     for k, v in tables.items()})
+    return {"device": dev.device_kind, "jax": jax.__version__, "rows": rows}
+
+
+def _element_density(bm, mask, docs, s) -> float:
+    """Fraction of (query, key) pairs allowed, averaged over batch rows and heads."""
+    if mask == "dense":
+        return 1.0
+    if mask == "causal":
+        return (s + 1) / (2 * s)
+    if mask == "local2048":
+        w = 2048
+        return (w * (w + 1) / 2 + (s - w) * (w + 1)) / (s * s) if s > w else (s + 1) / (2 * s)
+    if mask == "document":
+        per_row = [sum(n * (n + 1) / 2 for n in np.bincount(row)[1:]) / (s * s) for row in docs]
+        return float(np.mean(per_row))
+    return float(bm.block_density())  # block-level masks: whole blocks
+
+
+# ---------------------------------------------------------------------------------- torch side
+
+def torch_part(a) -> dict:
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = torch.cuda.get_device_name()
+    print(f"[torch] {dev}, torch {torch.__version__}", flush=True)
+    tables = dict(np.load(a.tables))
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def timeit(fn, reps=a.reps, warmup=2):
+        fn()
+        torch.cuda.synchronize()
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            ts.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(ts)
+
+    rows = []
+    for case, b, h, kh, s, d, masks in shapes(a.quick):
+        rng = np.random.default_rng(s + h + kh)
+        q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(b, kh, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(b, kh, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
+        docs = torch.as_tensor(documents(b, s, rng), device="cuda")
+        for mask in masks:
+            name = f"{case}|{mask}".replace("|", "__").replace(" ", "_").replace("/", "-")
+            if mask == "dense":
+                mod, bh = (lambda b_, h_, q_, k_: q_ >= 0), (None, None)
+            elif mask == "causal":
+                mod, bh = (lambda b_, h_, q_, k_: q_ >= k_), (None, None)
+            elif mask == "local2048":
+                mod, bh = (lambda b_, h_, q_, k_: (q_ >= k_) & (q_ - k_ <= 2048)), (None, None)
+            elif mask == "document":
+                mod, bh = (lambda b_, h_, q_, k_: (docs[b_, q_] == docs[b_, k_]) & (q_ >= k_)), (b, None)
+            else:
+                if mask.startswith("random"):
+                    block_table(mask, b, h, s, rng)  # keep the rng stream in step with the jax side
+                tab = torch.as_tensor(tables[name], device="cuda")
+                mod, bh = (lambda b_, h_, q_, k_, tab=tab: tab[b_, h_, q_ // BLOCK, k_ // BLOCK]), (b, h)
+            try:
+                bm = create_block_mask(mod, bh[0], bh[1], s, s, device="cuda", BLOCK_SIZE=BLOCK, _compile=True)
+                gqa = h != kh
+                fwd = lambda: flex(q, k, v, block_mask=bm, enable_gqa=gqa)
+                def fb():
+                    out = flex(q, k, v, block_mask=bm, enable_gqa=gqa)
+                    torch.autograd.grad(out, (q, k, v), g)
+                t_f, t_b = timeit(fwd), timeit(fb)
+                rows.append(dict(case=case, S=s, mask=mask, impl="torch flex_attention", fwd_ms=1e3 * t_f,
+                                 fwdbwd_ms=1e3 * t_b))
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(case=case, S=s, mask=mask, impl="torch flex_attention",
+                                 error=f"{type(e).__name__}: {str(e)[:300]}"))
+            print(json.dumps(rows[-1]), flush=True)
+        del q, k, v, g
+        torch.cuda.empty_cache()
+    return {"device": dev, "torch": torch.__version__, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------- merge
+
+def merge(a) -> dict:
+    jx, th = json.load(open(a.jax_json)), json.load(open(a.torch_json))
+    rows = list(jx["rows"])
+    density = {(r["case"], r["mask"]): r for r in rows if "density" in r}
+    for r in th["rows"]:
+        base = density.get((r["case"], r["mask"]))
+        if base is None:
+            continue
+        m = dict({k: base[k] for k in ("case", "B", "H", "K", "S", "D", "mask", "density", "block_density")}, **r)
+        if "fwd_ms" in r:
+            f = flops(base["B"], base["H"], base["S"], base["D"], base["density"])
+            m["fwd_tflops"] = f / (r["fwd_ms"] / 1e3) / 1e12
+            m["fwdbwd_tflops"] = 3.5 * f / (r["fwdbwd_ms"] / 1e3) / 1e12
+        rows.append(m)
+    out = {"device": jx["device"], "jax": jx["jax"], "torch": th.get("torch"), "block": BLOCK,
+           "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    print(f"{'case':24s} {'mask':10s} {'dens':>5s} {'impl':20s} {'fwd ms':>8s} {'fwd TF/s':>8s} "
+          f"{'f+b ms':>8s} {'f+b TF/s':>8s}")
+    for r in sorted(rows, key=lambda r: (r["case"], MASKS.index(r["mask"]), r["impl"])):
+        if "error" in r:
+            print(f"{r['case']:24s} {r['mask']:10s} {'':5s} {r['impl']:20s} ERROR {r['error'][:60]}")
+            continue
+        print(f"{r['case']:24s} {r['mask']:10s} {r['density']:5.3f} {r['impl']:20s} {r['fwd_ms']:8.3f} "
+              f"{r['fwd_tflops']:8.1f} {r.get('fwdbwd_ms', math.nan):8.3f} {r.get('fwdbwd_tflops', math.nan):8.1f}")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--part", choices=("jax", "torch", "merge"), required=True)
+    p.add_argument("--quick", action="store_true", help="one small case (a smoke test)")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--tables", default="/tmp/bench_attention_tables.npz")
+    p.add_argument("--jax-json", default="/tmp/bench_attention_jax.json")
+    p.add_argument("--torch-json", default="/tmp/bench_attention_torch.json")
+    p.add_argument("--out", default="bench_attention.json")
+    a = p.parse_args()
+    if a.part == "jax":
+        res = jax_part(a)
+        json.dump(res, open(a.jax_json, "w"), indent=1)
+    elif a.part == "torch":
+        res = torch_part(a)
+        json.dump(res, open(a.torch_json, "w"), indent=1)
+    else:
+        res = merge(a)
+        json.dump(res, open(a.out, "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
