@@ -7,19 +7,72 @@ problem, so a bad setting fails before any compilation or training work starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "block_sparse")
 ROPE_STYLES = ("half", "interleaved")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
+MASK_KINDS = ("causal", "local", "chunked", "document", "custom")
+
+
+def parse_mask(mask: str) -> tuple[str, int | str]:
+    """A model mask description -> (kind, argument): 'causal' / 'document' -> (kind, 0),
+    'local:W' / 'chunked:C' -> (kind, positive int), 'custom:NAME' -> ('custom', NAME)."""
+    if not isinstance(mask, str):
+        raise ValueError(f"must be a string such as 'causal', 'local:64', 'chunked:128', 'document' or "
+                         f"'custom:NAME', got {mask!r}")
+    kind, sep, arg = mask.partition(":")
+    if kind in ("causal", "document", "") and not sep:
+        return (kind or "causal"), 0
+    if kind in ("local", "chunked") and arg.isdigit() and int(arg) >= 1:
+        return kind, int(arg)
+    if kind == "custom" and arg.isidentifier():
+        return kind, arg
+    raise ValueError(f"must be 'causal', 'local:W', 'chunked:C' (W, C positive integers), 'document' or "
+                     f"'custom:NAME', got {mask!r}")
+
+
 def _fail(cls: str, name: str, problem: str) -> None:
     raise ValueError(f"{cls}.{name}: {problem}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_types(obj: Any) -> None:
+    """Every field of a config dataclass holds a value of its annotated type, and every float is
+    finite (a NaN or infinite learning rate, say, would otherwise train into NaN parameters).
+    Literal fields are checked by ``_choice``; integer ranges by each class."""
+    cls = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        typ, value = _hints(type(obj))[f.name], getattr(obj, f.name)
+        if typ is float:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                _fail(cls, f.name, f"must be a number, got {value!r}")
+            if not math.isfinite(value):
+                _fail(cls, f.name, f"must be a finite number, got {value!r}")
+        elif typ is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                _fail(cls, f.name, f"must be an integer, got {value!r}")
+        elif typ is bool:
+            if not isinstance(value, bool):
+                _fail(cls, f.name, f"must be true or false, got {value!r}")
+        elif typ is str or typing.get_origin(typ) is Literal:
+            if not isinstance(value, str):
+                _fail(cls, f.name, f"must be a string, got {value!r}")
+        elif isinstance(typ, type) and dataclasses.is_dataclass(typ) and not isinstance(value, typ):
+            _fail(cls, f.name, f"must be a {typ.__name__}, got {type(value).__name__}")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -51,13 +104,21 @@ class ModelConfig:
     rope_style: Literal["half", "interleaved"] = "half"
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
-    attention_impl: Literal["auto", "xla", "cudnn"] = "auto"
+    attention_impl: Literal["auto", "xla", "cudnn", "block_sparse"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     init_std: float = 0.02
     remat: bool = False  # recompute each block in the backward pass (saves activation memory)
+    swiglu_fused: bool = False  # gate and up projections as one matmul (jaxeff.ops.swiglu's fuse_gate_up)
+    # Which keys a query sees, on top of causality and packed documents: 'causal', 'local:W' (the W
+    # keys before it and itself), 'chunked:C' (causal inside chunks of C tokens), 'document' (the
+    # same as causal: documents come from the data's segment ids), or 'custom:NAME' for a rule
+    # registered in code with jaxeff.ops.register_mask_pattern.
+    mask: str = "causal"
+    attention_block: int = 128  # block size of attention_impl='block_sparse' (queries and keys)
 
     def __post_init__(self):
+        _check_types(self)
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
         if self.head_dim < 0:
             _fail("ModelConfig", "head_dim", f"must be >= 0 (0 means d_model // n_heads), got {self.head_dim}")
@@ -75,6 +136,12 @@ class ModelConfig:
             _fail("ModelConfig", "init_std", f"must be > 0, got {self.init_std}")
         _choice(self, "rope_style", ROPE_STYLES)
         _choice(self, "attention_impl", ATTENTION_IMPLS)
+        try:
+            parse_mask(self.mask)
+        except ValueError as e:
+            _fail("ModelConfig", "mask", str(e))
+        if self.attention_block < 16 or self.attention_block & (self.attention_block - 1):
+            _fail("ModelConfig", "attention_block", f"must be a power of two >= 16, got {self.attention_block}")
         _choice(self, "dtype", DTYPES)
         _choice(self, "param_dtype", DTYPES)
 
@@ -117,6 +184,7 @@ class DataConfig:
     split_seed: int = 0
 
     def __post_init__(self):
+        _check_types(self)
         if not self.corpus or not isinstance(self.corpus, str):
             _fail("DataConfig", "corpus", f"must be a non-empty string, got {self.corpus!r}")
         _choice(self, "tokenizer", ("byte", "bpe"))
@@ -129,7 +197,20 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, schedule, evaluation and checkpointing."""
+    """Optimisation, schedule, evaluation and checkpointing.
+
+    Resuming a run directory that holds checkpoints: only the fields in
+    ``RESUMABLE_TRAIN_FIELDS`` may differ from the saved ``config.json`` (``steps``,
+    ``eval_every``, ``eval_batches``, ``log_every``, ``ckpt_every``, ``keep_ckpts``,
+    ``sample_tokens``); any other change is refused with the fields named, since it would
+    silently change the trajectory the checkpoints belong to. ``steps`` may not go below the
+    latest checkpoint's step. When ``steps`` changes, the learning-rate schedule is recomputed
+    over the new total: step ``k`` after the resume point uses ``learning_rate_schedule`` of the
+    new config at ``k`` (the optimizer's step count continues). With ``schedule='constant'``
+    (after warm-up) that equals an uninterrupted run of the new length; with ``'wsd'`` it does as
+    long as the resume point lies before the old run's decay; with ``'cosine'`` the lr jumps to
+    the longer cosine's value. ``config.json`` is rewritten to the new settings.
+    """
 
     steps: int = 1000
     batch_size: int = 16  # global batch, in sequences
@@ -156,6 +237,7 @@ class TrainConfig:
     sample_tokens: int = 200
 
     def __post_init__(self):
+        _check_types(self)
         _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
                   "log_every", "ckpt_every", "keep_ckpts")
         if self.batch_size % self.grad_accum:
@@ -179,6 +261,10 @@ class TrainConfig:
         if self.sample_tokens < 0:
             _fail("TrainConfig", "sample_tokens", f"must be >= 0, got {self.sample_tokens}")
 
+
+# What may change when a run directory with checkpoints is resumed (see TrainConfig).
+RESUMABLE_TRAIN_FIELDS = ("steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_ckpts",
+                          "sample_tokens")
 
 SHARING_STRATEGIES = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
 ROUTINGS = ("none", "expert", "token")
@@ -227,6 +313,7 @@ class RecursionConfig:
     lora_init: Literal["svd", "zero"] = "svd"  # LoRA start: truncated SVD of (original - shared), or zero
 
     def __post_init__(self):
+        _check_types(self)
         _choice(self, "strategy", SHARING_STRATEGIES)
         _choice(self, "routing", ROUTINGS)
         _choice(self, "router_func", ROUTER_FUNCS)
@@ -290,6 +377,20 @@ class RecursionConfig:
             _fail("RecursionConfig", "n_recursions", f"must divide {what} (strategy {self.strategy!r}), "
                   f"got {self.n_recursions}")
 
+    def check_lora_rank(self, model: ModelConfig) -> None:
+        """Raises unless ``lora_rank`` fits the shared projections of ``model``: a rank above the
+        smaller side of a matrix adds parameters without adding expressiveness."""
+        if not self.lora_rank:
+            return
+        hd = model.resolved_head_dim
+        sides = {"d_model": model.d_model, "n_heads x head_dim": model.n_heads * hd,
+                 "n_kv_heads x head_dim": model.n_kv_heads * hd, "d_ff": model.d_ff}
+        bound = min(sides.values())
+        if self.lora_rank > bound:
+            detail = ", ".join(f"{k} {v}" for k, v in sides.items())
+            _fail("RecursionConfig", "lora_rank", f"must be <= {bound}, the smallest side of the matrices it "
+                  f"adapts ({detail}), got {self.lora_rank}")
+
     @property
     def enabled(self) -> bool:
         return self.strategy != "none"
@@ -304,6 +405,7 @@ class MeshConfig:
     tensor: int = 1
 
     def __post_init__(self):
+        _check_types(self)
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         if sum(v == -1 for v in sizes.values()) > 1:
             _fail("MeshConfig", "data", "at most one axis may be -1 (the rest of the devices)")
@@ -339,7 +441,9 @@ class Config:
     run_dir: str = ""  # empty: runs/<name>
 
     def __post_init__(self):
+        _check_types(self)
         self.recursion.check_depth(self.model.n_layers)
+        self.recursion.check_lora_rank(self.model)
         if self.train.seq_len > self.model.max_seq_len:
             _fail("Config", "train.seq_len", f"{self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 
@@ -355,15 +459,26 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        return cls(
-            name=d.get("name", "custom"),
-            model=ModelConfig(**d.get("model", {})),
-            data=DataConfig(**d.get("data", {})),
-            train=TrainConfig(**d.get("train", {})),
-            mesh=MeshConfig(**d.get("mesh", {})),
-            recursion=RecursionConfig(**d.get("recursion", {})),
-            run_dir=d.get("run_dir", ""),
-        )
+        """The inverse of :meth:`to_dict`; missing sections and fields take their defaults, unknown
+        ones raise ``ValueError`` naming them (as does every invalid value)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+        scalars = {f.name for f in dataclasses.fields(cls)} - set(SECTIONS)
+        unknown = sorted(set(d) - scalars - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown section {unknown[0]!r}; sections are {', '.join(SECTIONS)} "
+                             f"(and the fields {', '.join(sorted(scalars))})")
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            values = d.get(name, {})
+            if not isinstance(values, dict):
+                raise ValueError(f"section {name!r} must be an object of fields, got {values!r}")
+            fields = {f.name for f in dataclasses.fields(section_cls)}
+            extra = sorted(set(values) - fields)
+            if extra:
+                raise ValueError(f"{section_cls.__name__} has no field {extra[0]!r}; fields are {sorted(fields)}")
+            sections[name] = section_cls(**values)
+        return cls(**{k: d[k] for k in scalars if k in d}, **sections)
 
     def override(self, assignments: list[str]) -> "Config":
         """Applies ``section.field=value`` strings (as given to ``--set``) and re-validates."""
@@ -391,9 +506,12 @@ class Config:
         return Config.from_dict(d)
 
 
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig,
+                             "recursion": RecursionConfig}
+
+
 def _section_class(name: str) -> type:
-    return {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig,
-            "recursion": RecursionConfig}[name]
+    return SECTIONS[name]
 
 
 def _field_type(cls: type, name: str) -> Any:

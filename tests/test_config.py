@@ -252,3 +252,62 @@ def test_recursion_overrides():
         cfg.override(["recursion.n_recursions=three"])
     with pytest.raises(ValueError, match="RecursionConfig has no field 'depth'"):
         cfg.override(["recursion.depth=3"])
+
+
+# --- issue 11: non-finite floats, the LoRA rank bound, config.json contents ------------------------
+
+import math  # noqa: E402
+import typing  # noqa: E402
+
+from jaxeff.config import _section_class  # noqa: E402
+
+_FLOAT_FIELDS = [(section, f.name) for section in ("model", "data", "train", "recursion")
+                 for f in dataclasses.fields(_section_class(section))
+                 if typing.get_type_hints(_section_class(section))[f.name] is float]
+
+
+@pytest.mark.parametrize("section, name", _FLOAT_FIELDS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_field_rejects_non_finite_values(section, name, value):
+    """Before the fix lr=inf/nan, clip_norm=nan, router_alpha=nan and others were accepted."""
+    base = get_preset("tiny")
+    if section == "recursion":
+        base = base.override(["recursion.strategy=cycle"])
+    with pytest.raises(ValueError, match=rf"{_section_class(section).__name__}\.{name}: must be a finite number"):
+        base.override([f"{section}.{name}={value}"])
+
+
+def test_float_fields_exist_in_every_section():
+    assert {s for s, _ in _FLOAT_FIELDS} == {"model", "data", "train", "recursion"}
+    assert ("train", "lr") in _FLOAT_FIELDS and ("recursion", "router_alpha") in _FLOAT_FIELDS
+
+
+def test_lora_rank_is_bounded_by_the_matrices():
+    """Before the fix lora_rank=100000 on d_model 192 built a 1358M-parameter model."""
+    base = get_preset("tiny").override(["recursion.strategy=cycle", "recursion.n_recursions=2"])
+    # tiny: d_model 192, 2 kv heads x head_dim 32 = 64, d_ff 512: the smallest matrix side is 64
+    assert base.override(["recursion.lora_rank=64"]).recursion.lora_rank == 64
+    with pytest.raises(ValueError, match=r"RecursionConfig\.lora_rank: must be <= 64, .*got 100000"):
+        base.override(["recursion.lora_rank=100000"])
+    with pytest.raises(ValueError, match=r"RecursionConfig\.lora_rank: must be <= 64"):
+        base.override(["recursion.lora_rank=65"])
+
+
+@pytest.mark.parametrize("d, match", [
+    ({"model": {"depth": 3}}, r"ModelConfig has no field 'depth'"),
+    ({"optim": {}}, r"unknown section 'optim'"),
+    ({"train": 3}, r"section 'train' must be an object"),
+    ({"train": {"lr": "fast"}}, r"TrainConfig\.lr: must be a number, got 'fast'"),
+    ({"model": {"tie_embeddings": "yes"}}, r"ModelConfig\.tie_embeddings: must be true or false"),
+    ({"model": {"head_dim": "8"}}, r"ModelConfig\.head_dim: must be an integer"),
+    ({"data": {"corpus": 3}}, r"DataConfig\.corpus"),
+])
+def test_from_dict_errors_are_value_errors_naming_the_field(d, match):
+    """Before the fix an unknown field raised TypeError (a traceback from the CLI)."""
+    with pytest.raises(ValueError, match=match):
+        Config.from_dict(d)
+
+
+def test_non_finite_check_does_not_reject_finite_values():
+    cfg = get_preset("tiny").override(["train.lr=1e-2", "model.rope_base=500000", "train.clip_norm=0"])
+    assert math.isfinite(cfg.train.lr) and cfg.train.clip_norm == 0.0
