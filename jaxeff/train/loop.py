@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -20,7 +21,7 @@ from jaxeff.models import RecursiveTransformer, Transformer
 from jaxeff.models.recursive import flops_per_token as recursive_flops_per_token
 from jaxeff.ops.routing import warmup_capacity
 from jaxeff.parallel import batch_sharding, make_mesh, state_shardings
-from jaxeff.train.checkpoint import Checkpointer, check_run_config
+from jaxeff.train.checkpoint import Checkpointer, RunLock, check_run_config
 from jaxeff.train.flops import device_peak_flops, mfu
 from jaxeff.train.metrics import MetricsLog, progress
 from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
@@ -99,11 +100,34 @@ def evaluate(eval_fn, params, batches: list[dict], sharding) -> dict[str, float]
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
 
 
+def check_mesh(cfg: Config):
+    """The mesh of ``cfg`` on this host's devices, after checking that it fits them and the batch
+    (before any data or tokenizer work starts)."""
+    mesh = make_mesh(cfg.mesh)
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    split = sizes["data"] * sizes["fsdp"]
+    tc = cfg.train
+    if tc.batch_size % split:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the mesh's data x fsdp = {split} "
+                         f"devices it is split over (mesh {sizes}); change train.batch_size or mesh.*")
+    return mesh
+
+
 def train(cfg: Config, *, verbose: bool = True) -> dict:
-    """Trains (or resumes) the run described by ``cfg``; returns a summary dict."""
+    """Trains (or resumes) the run described by ``cfg``; returns a summary dict.
+
+    The mesh is checked first, then the run directory is locked (:class:`RunLock`, process 0
+    only) for the whole run, so a second process on the same directory fails at once."""
+    mesh = check_mesh(cfg)
+    lock = RunLock(cfg.resolved_run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, mesh, verbose=verbose)
+
+
+def _train(cfg: Config, mesh, *, verbose: bool) -> dict:
     tc = cfg.train
     run_dir = cfg.resolved_run_dir
-    check_run_config(run_dir, cfg.to_dict())
+    changes = check_run_config(run_dir, cfg.to_dict())
     say = print if (verbose and jax.process_index() == 0) else (lambda *a, **k: None)
 
     init_from = cfg.recursion.init_from
@@ -125,7 +149,6 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
         raise ValueError(f"train.batch_size={tc.batch_size} exceeds the {ds.train_tokens_NxS.shape[0]} training "
                          f"sequences of the corpus; lower it or train.seq_len")
 
-    mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
         graphdef, params, param_sh = init_params(cfg, mesh)
         tx = make_optimizer(tc, params)
@@ -135,10 +158,19 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
         n_params = sum(x.size for x in jax.tree.leaves(params))
         del params
         ckpt = Checkpointer(run_dir, keep=tc.keep_ckpts)
-        start = ckpt.latest_step() or 0
+        start, restored = ckpt.restore_latest(state, quarantine=True)
         if start:
-            state = ckpt.restore(start, state)
+            state = restored
             say(f"[resume] step {start} from {ckpt.directory}")
+            if "train.steps" in changes:
+                old_steps = changes["train.steps"][0]
+                try:
+                    old_lr = float(learning_rate_schedule(dataclasses.replace(tc, steps=old_steps))(start))
+                except (ValueError, TypeError):
+                    old_lr = float("nan")
+                say(f"[resume] train.steps {old_steps} -> {tc.steps}: the learning-rate schedule is recomputed "
+                    f"over {tc.steps} steps; step {start + 1} uses lr {float(schedule(start)):.3g} "
+                    f"(the {old_steps}-step schedule gave {old_lr:.3g})")
         elif init_from:  # a fresh run starts from the converted dense weights (Adam's moments are zero anyway)
             from jaxeff.models.recursive_convert import convert_run
 
@@ -173,6 +205,9 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
                           in_shardings=(state_sh["params"], batch_sh))
         val_batches = eval_batches(ds.val_tokens_NxS, ds.val_segment_ids_NxS, tc.batch_size, tc.eval_batches)
         metrics_log = MetricsLog(run_dir)
+        # Steps after the resume point are trained again: their records from the run that stopped
+        # (after its last checkpoint) are dropped, so every step is logged once.
+        metrics_log.rollback(start)
         flops_tok = model_flops_per_token(cfg)
         peak = device_peak_flops()
         n_dev = mesh.size
@@ -256,27 +291,36 @@ def _check_finite(state) -> None:
     bad = int(jax.device_get(state["nonfinite_step"]))
     if bad >= 0:
         # state counts steps from 0; metrics and checkpoints number them from 1.
-        raise NonFiniteLossError(f"training stopped: the loss or gradient became non-finite at step {bad + 1}; "
-                                 f"parameters were kept from before it and no checkpoint was written with it. "
-                                 f"Lower train.lr or check the data.")
+        raise NonFiniteLossError(f"training stopped: the loss, gradient or parameter update became non-finite at "
+                                 f"step {bad + 1}; its update was not applied, parameters were kept from before it "
+                                 f"and no checkpoint was written with it. Lower train.lr or check the data.")
 
 
 def restore_run(run_dir: str) -> tuple[Config, Any, Any, int]:
     """(config, graphdef, params, step) of a run directory's latest checkpoint, on one device."""
     from jaxeff.train.checkpoint import load_run_config
 
-    cfg = Config.from_dict(load_run_config(run_dir))
-    ckpt = Checkpointer(run_dir)
-    step = ckpt.latest_step()
-    if step is None:
+    from jaxeff.train.checkpoint import CONFIG_FILE, load_run_config
+
+    try:
+        cfg = Config.from_dict(load_run_config(run_dir))
+    except ValueError as e:
+        path = os.path.join(run_dir, CONFIG_FILE)
+        raise ValueError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(directory):  # read-only: never create it
+        raise FileNotFoundError(f"{run_dir}: no checkpoint found (there is no {directory})")
+    ckpt = Checkpointer(run_dir, create=False)
+    try:
+        if not ckpt.all_steps():
+            raise FileNotFoundError(f"{run_dir}: no checkpoint found under {ckpt.directory}")
+        graphdef, abstract = abstract_model(cfg)
+        params_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract))
+        tx = make_optimizer(cfg.train, params_like)
+        like = jax.eval_shape(lambda p: init_state(p, tx), params_like)
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), like)
+        step, state = ckpt.restore_latest(like)
+    finally:
         ckpt.close()
-        raise FileNotFoundError(f"{run_dir}: no checkpoint found under {ckpt.directory}")
-    graphdef, abstract = abstract_model(cfg)
-    params_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract))
-    tx = make_optimizer(cfg.train, params_like)
-    like = jax.eval_shape(lambda p: init_state(p, tx), params_like)
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), like)
-    state = ckpt.restore(step, like)
-    ckpt.close()
     return cfg, graphdef, state["params"], step

@@ -18,6 +18,30 @@ class MetricsLog:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
 
+    def rollback(self, step: int) -> int:
+        """Drops the records of steps after ``step`` (those a resumed run trains again) and any
+        line a crash cut short; returns how many lines were dropped. The file is replaced
+        atomically."""
+        if not self.enabled or not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                kept.append(line)
+        if len(kept) == len(lines):
+            return 0
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        return len(lines) - len(kept)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return

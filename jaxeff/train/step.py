@@ -2,9 +2,10 @@
 
 The model lives as ``graphdef`` (static structure) plus a pure dict of parameters; the step is a
 plain ``jax.jit`` function that merges them, computes the loss, and returns a new state with the
-input buffers donated. A step whose loss or gradient is not finite leaves the parameters and
-optimizer untouched and records its step number in ``state['nonfinite_step']``, so no NaN ever
-reaches a checkpoint and the loop can stop with the exact step.
+input buffers donated. A step whose loss, gradient, updated parameters or updated optimizer state
+is not finite (a NaN batch, or a finite gradient times an overflowing learning rate) leaves the
+parameters and optimizer untouched and records its step number in ``state['nonfinite_step']``,
+so no NaN ever reaches a checkpoint and the loop can stop with the exact step.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def add_state_deltas(params: dict, deltas: dict) -> dict:
 def init_state(params: Any, tx: optax.GradientTransformation) -> dict:
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+def all_finite(*trees) -> jax.Array:
+    """One boolean: every floating-point leaf of ``trees`` is finite (one fused reduction)."""
+    leaves = [x for t in trees for x in jax.tree.leaves(t)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.bool_(True)
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
 
 
 def _split_batch(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -90,7 +100,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
         new_params = optax.apply_updates(params, updates)
         if deltas is not None:
             new_params = add_state_deltas(new_params, deltas)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The update itself is checked too: a finite gradient times an infinite (overflowed)
+        # learning rate gives NaN parameters and Adam moments with a finite loss and gradient.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params, new_opt)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = {
             "params": keep(new_params, params),

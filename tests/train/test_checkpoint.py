@@ -85,14 +85,22 @@ def test_check_run_config_guards_a_run_with_checkpoints(tmp_path):
     assert load_run_config(str(run)) == cfg
     (run / "checkpoints" / "5").mkdir(parents=True)  # a completed step directory
     check_run_config(str(run), cfg)  # same config: fine
-    check_run_config(str(run), {**cfg, "train": {"steps": 99}})  # training settings may change on resume
+    # train.steps may change on resume, and config.json follows it; other train fields may not.
+    assert check_run_config(str(run), {**cfg, "train": {"steps": 99}}) == {"train.steps": (10, 99)}
+    cfg = {**cfg, "train": {"steps": 99}}
+    assert load_run_config(str(run)) == cfg
+    with pytest.raises(CheckpointError,
+                       match=r"train\.lr: saved None vs now 0\.1\); on resume only these train fields may change: st"):
+        check_run_config(str(run), {**cfg, "train": {"steps": 99, "lr": 0.1}})
+    with pytest.raises(CheckpointError, match=r"train\.steps=4 is below the step of the latest checkpoint"):
+        check_run_config(str(run), {**cfg, "train": {"steps": 4}})
     with pytest.raises(CheckpointError, match=r"holds checkpoints .*model\.d_model: saved 32 vs now 64"):
         check_run_config(str(run), {**cfg, "model": {"d_model": 64, "n_layers": 1}})
     with pytest.raises(CheckpointError, match=r"data\.corpus: saved 'a.txt' vs now 'b.txt'"):
         check_run_config(str(run), {**cfg, "data": {"corpus": "b.txt"}})
     with pytest.raises(CheckpointError, match=r"model\.rope_style: saved None vs now 'half'"):
         check_run_config(str(run), {**cfg, "model": {**cfg["model"], "rope_style": "half"}})
-    assert load_run_config(str(run)) == cfg  # never overwritten
+    assert load_run_config(str(run)) == cfg  # never overwritten by a refused config
     (run / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):
         check_run_config(str(run), cfg)
