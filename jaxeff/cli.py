@@ -29,7 +29,17 @@ def _load_run(run_dir: str):
     from jaxeff.train.loop import restore_run
 
     cfg, graphdef, params, step = restore_run(run_dir)
-    return cfg, nnx.merge(graphdef, params), load_tokenizer(os.path.join(run_dir, "tokenizer")), step
+    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"{run_dir}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                         f"{cfg.model.vocab_size} (model.vocab_size): the run directory mixes two runs")
+    return cfg, nnx.merge(graphdef, params), tokenizer, step
+
+
+def _check_prompt_fits(n_prompt: int, max_seq_len: int) -> None:
+    if n_prompt >= max_seq_len:
+        raise ValueError(f"the prompt is {n_prompt} tokens, which leaves no room below the model's max_seq_len "
+                         f"{max_seq_len}; shorten it to at most {max_seq_len - 1} tokens")
 
 
 def cmd_train(args) -> int:
@@ -58,10 +68,14 @@ def cmd_train(args) -> int:
     if cfg.train.sample_tokens and jax.process_count() == 1:
         tok = summary["tokenizer"]
         model = nnx.merge(summary["graphdef"], summary["final_params"])
-        prompt = args.prompt
-        n = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(tok.encode(prompt)) - 1)
-        out = generate(model, tok.encode(prompt), n, temperature=0.8, top_k=50, seed=0)
-        print(f"[sample] {tok.decode(out)}")
+        ids = tok.encode(args.prompt) or [tok.bos_id]
+        n = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(ids))
+        if n < 1:  # the training result stands; only the sample is skipped
+            print(f"[sample] skipped: the prompt is {len(ids)} tokens, which leaves no room below the model's "
+                  f"max_seq_len {cfg.model.max_seq_len}", file=sys.stderr)
+        else:
+            out = generate(model, ids, n, temperature=0.8, top_k=50, seed=0)
+            print(f"[sample] {tok.decode(out)}")
     return 0
 
 
@@ -84,16 +98,34 @@ def cmd_eval(args) -> int:
         nll += float(m["nll_sum"])
         tokens += float(m["tokens"])
     loss = nll / max(tokens, 1.0)
-    result = {"run_dir": args.run_dir, "step": step, "val_loss": loss, "val_ppl": math.exp(loss),
-              "val_bpb": loss / math.log(2) / ds.bytes_per_token, "unigram_nats": ds.unigram_entropy_nats,
-              "val_tokens": tokens}
-    print(json.dumps(result, indent=2))
+    finite = math.isfinite(loss)
+    result = {"run_dir": args.run_dir, "step": step, "val_loss": loss if finite else None,
+              "val_ppl": (math.exp(loss) if loss < 700 else float("inf")) if finite else None,
+              "val_bpb": loss / math.log(2) / ds.bytes_per_token if finite else None,
+              "unigram_nats": ds.unigram_entropy_nats, "val_tokens": tokens}
+    result = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+    print(json.dumps(result, indent=2, allow_nan=False))  # always valid JSON: null, never NaN
+    if not finite:
+        print(f"jaxeff eval: error: the validation loss of step {step} is not finite ({loss}); the checkpoint's "
+              f"parameters are unusable", file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_sampling_args(args) -> None:
+    """Rejects sampling flags that cannot work before any model is loaded."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
 
 
 def cmd_generate(args) -> int:
     from jaxeff.generate import generate
 
+    _check_sampling_args(args)
     if args.gguf:
         from jaxeff.cli_gguf import generate_from_gguf
         print(generate_from_gguf(args.gguf, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
@@ -104,6 +136,7 @@ def cmd_generate(args) -> int:
     ids = tokenizer.encode(args.prompt)
     if not ids:
         ids = [tokenizer.bos_id]
+    _check_prompt_fits(len(ids), cfg.model.max_seq_len)
     out = generate(model, ids, min(args.max_new_tokens, cfg.model.max_seq_len - len(ids)),
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed, eos_id=tokenizer.eos_id)
     print(tokenizer.decode(out))

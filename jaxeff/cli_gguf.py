@@ -187,6 +187,7 @@ def perplexity_of_files(gguf_path: str | os.PathLike | None, paths_or_corpus_nam
     """
     from jaxeff.data.corpora import load_corpus
 
+    check_perplexity_args(seq_len=seq_len, stride=stride, batch_size=batch_size, max_tokens=max_tokens)
     spec = paths_or_corpus_name if isinstance(paths_or_corpus_name, str) else ",".join(map(str, paths_or_corpus_name))
     docs = load_corpus(spec)
     if model is None or tokenizer is None:
@@ -211,11 +212,34 @@ def perplexity_of_files(gguf_path: str | os.PathLike | None, paths_or_corpus_nam
     return {"nll": total / count, "ppl": math.exp(total / count), "tokens": count, "documents": results}
 
 
+def check_perplexity_args(*, seq_len: int, stride: int | None, batch_size: int, max_tokens: int | None,
+                          flags: bool = False) -> None:
+    """Rejects window settings that cannot work, before any model or corpus is loaded."""
+    names = ({"seq_len": "--seq-len", "stride": "--stride", "batch_size": "--batch-size", "max_tokens": "--max-tokens"}
+             if flags else {k: k for k in ("seq_len", "stride", "batch_size", "max_tokens")})
+    for key, value in (("seq_len", seq_len), ("stride", stride), ("batch_size", batch_size),
+                       ("max_tokens", max_tokens)):
+        if value is None and key in ("stride", "max_tokens"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"perplexity: {names[key]} must be >= 1, got {value!r}")
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from jaxeff.io.gguf import load_gguf
 
+    _check_sampling(args)
     model, tokenizer = load_gguf(args.gguf, dtype=args.dtype)
     text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, seed=args.seed, chat=args.chat)
@@ -224,6 +248,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_perplexity(args: argparse.Namespace) -> int:
+    check_perplexity_args(seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
+                          max_tokens=args.max_tokens, flags=True)
     res = perplexity_of_files(args.gguf, args.corpus, seq_len=args.seq_len, stride=args.stride,
                               batch_size=args.batch_size, max_tokens=args.max_tokens, dtype=args.dtype)
     for d in res["documents"]:

@@ -15,9 +15,30 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def check_token_ids(token_lists: Sequence[Sequence[int]], vocab_size: int | None = None, *,
+                    what: str = "pack_documents") -> None:
+    """Raises ``ValueError`` naming the first document and id outside ``[0, vocab_size)`` (or
+    negative, when ``vocab_size`` is None). Models cannot check ids inside jit (JAX clamps or wraps
+    gather indices), so the data is checked here, once, before training."""
+    for d, tokens in enumerate(token_lists):
+        arr = np.asarray(tokens).reshape(-1)
+        if arr.size == 0:
+            continue
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{what}: document {d} holds {arr.dtype} values, not integer token ids")
+        bad = (arr < 0) if vocab_size is None else ((arr < 0) | (arr >= vocab_size))
+        if bad.any():
+            j = int(np.argmax(bad))
+            span = "must be >= 0" if vocab_size is None else f"is outside the vocabulary [0, {vocab_size})"
+            raise ValueError(f"{what}: document {d}, position {j}: token id {int(arr[j])} {span}")
+
+
 def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int,
-                   eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+                   eos_id: int, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Concatenates ``doc + [eos]`` for every document and cuts the stream into rows of seq_len + 1.
+
+    Token ids (and ``eos_id``) must be >= 0 and, when ``vocab_size`` is given, below it; the
+    first one that is not is named in a ``ValueError``.
 
     Returns ``(tokens_NxS, segment_ids_NxS)``, both int32. In every row segment ids start at 1 and
     go up by one at each document boundary in that row (a document continued from the previous
@@ -30,6 +51,9 @@ def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int,
     row_len = int(seq_len) + 1
     if len(token_lists) == 0:
         raise ValueError("pack_documents: token_lists is empty; the corpus has no documents")
+    check_token_ids(token_lists, vocab_size)
+    if eos_id < 0 or (vocab_size is not None and eos_id >= vocab_size):
+        raise ValueError(f"pack_documents: eos_id {eos_id} is outside the vocabulary [0, {vocab_size or 'inf'})")
     eos = np.asarray([eos_id], dtype=np.int32)
     pieces = []
     for tokens in token_lists:

@@ -23,7 +23,7 @@ import numpy as np
 from jaxeff.config import DataConfig
 from jaxeff.data.baselines import bytes_per_token, unigram_cross_entropy_nats
 from jaxeff.data.corpora import Document, load_corpus, split_documents
-from jaxeff.data.packing import batch_at, eval_batches, pack_documents
+from jaxeff.data.packing import batch_at, check_token_ids, eval_batches, pack_documents
 from jaxeff.data.tokenizers import META_FILE, BPETokenizer, Tokenizer, build_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -116,14 +116,24 @@ def _encode(tok: Tokenizer, docs: list[Document], cache_dir: str | None, key: st
         ids_path = Path(cache_dir) / f"encoded_{key}_{split}_ids.npy"
         lens_path = Path(cache_dir) / f"encoded_{key}_{split}_lengths.npy"
         if ids_path.is_file() and lens_path.is_file():
-            ids, lens = np.load(ids_path), np.load(lens_path)
-            if lens.shape == (len(docs),) and int(lens.sum()) == ids.shape[0]:
-                logger.info("loaded encoded %s split from %s", split, ids_path)
-                return np.split(ids, np.cumsum(lens)[:-1])
-            logger.warning("ignoring inconsistent token cache %s", ids_path)
+            try:
+                ids, lens = np.load(ids_path), np.load(lens_path)
+            except (OSError, ValueError) as err:
+                ids = lens = None
+                logger.warning("ignoring unreadable token cache %s (%s)", ids_path, type(err).__name__)
+            if lens is not None and lens.shape == (len(docs),) and int(lens.sum()) == ids.shape[0]:
+                bad = (ids < 0) | (ids >= tok.vocab_size)
+                if not bad.any():
+                    logger.info("loaded encoded %s split from %s", split, ids_path)
+                    return np.split(ids, np.cumsum(lens)[:-1])
+                logger.warning("ignoring token cache %s: token id %d is outside the vocabulary [0, %d); "
+                               "re-encoding", ids_path, int(ids[np.argmax(bad)]), tok.vocab_size)
+            elif lens is not None:
+                logger.warning("ignoring inconsistent token cache %s", ids_path)
     start = time.perf_counter()
     encoded = [np.asarray(ids, dtype=np.int32) for ids in tok.encode_batch([d.text for d in docs])]
     logger.info("encoded %s split (%d documents) in %.1fs", split, len(docs), time.perf_counter() - start)
+    check_token_ids(encoded, tok.vocab_size, what=f"prepare_dataset: {split} split, {tok!r}")
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         _save_npy(ids_path, np.concatenate(encoded) if encoded else np.zeros(0, np.int32))
@@ -131,9 +141,9 @@ def _encode(tok: Tokenizer, docs: list[Document], cache_dir: str | None, key: st
     return encoded
 
 
-def _pack(encoded: list[np.ndarray], seq_len: int, eos_id: int, split: str, n_docs: int):
+def _pack(encoded: list[np.ndarray], seq_len: int, eos_id: int, split: str, n_docs: int, vocab_size: int):
     try:
-        return pack_documents(encoded, seq_len, eos_id)
+        return pack_documents(encoded, seq_len, eos_id, vocab_size)
     except ValueError as err:
         raise ValueError(f"prepare_dataset: {split} split ({n_docs} documents): {err}") from None
 
@@ -156,8 +166,8 @@ def prepare_dataset(cfg: DataConfig, seq_len: int, tokenizer_dir: str | None = N
     train_enc = _encode(tok, train_docs, tokenizer_dir, key, "train")
     val_enc = _encode(tok, val_docs, tokenizer_dir, key, "val")
 
-    train_tokens, train_segs = _pack(train_enc, seq_len, tok.eos_id, "train", len(train_docs))
-    val_tokens, val_segs = _pack(val_enc, seq_len, tok.eos_id, "validation", len(val_docs))
+    train_tokens, train_segs = _pack(train_enc, seq_len, tok.eos_id, "train", len(train_docs), tok.vocab_size)
+    val_tokens, val_segs = _pack(val_enc, seq_len, tok.eos_id, "validation", len(val_docs), tok.vocab_size)
 
     val_targets = val_tokens[:, 1:][val_segs[:, 1:] > 0]
     entropy = unigram_cross_entropy_nats(train_tokens[train_segs > 0], val_targets, tok.vocab_size)

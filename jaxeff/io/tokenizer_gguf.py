@@ -118,6 +118,9 @@ class GGUFTokenizer(Tokenizer):
         if pre not in PRE_TOKENIZER_REGEXES:
             raise ValueError(f"tokenizer.ggml.pre is {pre!r}, a pre-tokenizer jaxeff does not know; supported: "
                              f"{sorted(PRE_TOKENIZER_REGEXES)}")
+        for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id)):
+            if value is not None and not 0 <= int(value) < len(tokens):
+                raise ValueError(f"tokenizer.ggml.{key} {int(value)} is outside the vocabulary [0, {len(tokens)})")
         vocab: dict[str, int] = {}
         for i, tok in enumerate(tokens):
             vocab.setdefault(tok, i)  # a duplicated string keeps its first id, as llama.cpp's lookup does
