@@ -199,12 +199,16 @@ class RecursiveTransformer(LMEnds, nnx.Module):
             n = x_c.shape[1]
             logit, decide_logit = self.router.logits(r, x_c)
             gate_c = self.router.gate(logit)
-            if k >= n:
+            if k >= n:  # every candidate goes on
                 local = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+                selected = jnp.ones((b, n), bool)
             else:
                 local, selected = routing.expert_choice_topk(jnp.where(valid_c, logit, -1e30), k)
+            if cap < 1.0:  # the threshold rule decides at this step at inference: train it here
                 aux.update(expert_step_aux(r, logit, decide_logit, selected, valid_c, self.rcfg))
-            loc = local if loc is None else routing.gather_rows(loc, local)
+            # index of each selected token in the first step's key list (its rank among them)
+            loc = (jnp.broadcast_to(jnp.arange(local.shape[1], dtype=jnp.int32), local.shape) if loc is None
+                   else routing.gather_rows(loc, local))
             if cand_idx is None and k >= n:  # every token goes on: no gather or scatter needed
                 idx, x_s, pos_s, seg_s, valid_s = None, h, positions_BxT, segment_ids, valid_BxT
             else:
@@ -228,10 +232,12 @@ class RecursiveTransformer(LMEnds, nnx.Module):
                 return attend
 
             y = self._run_stack(x_s, r, pos_s, attend_for, layer_auxes)
+            # padding that fills a short row's top-k slots is computed but left unchanged
             if idx is None:
-                h = h + gated_delta(gate_c, y, h.dtype)
+                h = h + gated_delta(jnp.where(valid_s, gate_c, 0.0), y, h.dtype)
             else:
-                h = routing.scatter_add_rows(h, idx, gated_delta(routing.gather_rows(gate_c, local), y, h.dtype))
+                g_s = jnp.where(valid_s, routing.gather_rows(gate_c, local), 0.0)
+                h = routing.scatter_add_rows(h, idx, gated_delta(g_s, y, h.dtype))
             cand_idx = idx
         last = (jnp.ones((b, t), bool) if cand_idx is None
                 else jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], cand_idx].set(True))

@@ -1,7 +1,7 @@
 """Mixture-of-Recursions routers (Bae et al., 2025, arXiv 2507.10524, section 2.2.1), as NNX
 modules over the routing maths of :mod:`jaxeff.ops.routing`.
 
-Expert-choice: recursion step r has its own linear router (no bias, N(0, 0.02)); its gate is
+Expert-choice: recursion step r has its own linear router (no bias, N(0, init_std^2)); its gate is
 ``alpha * sigmoid(logit)`` (or tanh / softmax). In training each step keeps the top
 ``k_r = max(1, int(c_r T))`` of the tokens the previous step kept (hierarchical filtering);
 that choice looks at the whole sequence, so an auxiliary BCE loss teaches the logits to predict
@@ -25,8 +25,9 @@ from jaxeff.ops import routing
 class ExpertChoiceRouter(nnx.Module):
     def __init__(self, cfg: ModelConfig, rcfg: RecursionConfig, *, rngs: nnx.Rngs):
         shape = (rcfg.n_recursions, cfg.d_model)
-        self.w = nnx.Param(0.02 * jax.random.normal(rngs.params(), shape, jnp.float32), logical_axes=(None, "embed"))
-        self.aux_w = (nnx.Param(0.02 * jax.random.normal(rngs.params(), shape, jnp.float32),
+        std = cfg.init_std
+        self.w = nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), logical_axes=(None, "embed"))
+        self.aux_w = (nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32),
                                 logical_axes=(None, "embed")) if rcfg.aux_router else None)
         self.func, self.alpha = rcfg.router_func, rcfg.router_alpha
 
@@ -46,7 +47,7 @@ class ExpertChoiceRouter(nnx.Module):
 class TokenChoiceRouter(nnx.Module):
     def __init__(self, cfg: ModelConfig, rcfg: RecursionConfig, *, rngs: nnx.Rngs):
         n = rcfg.n_recursions
-        self.w = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.d_model, n), jnp.float32),
+        self.w = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, n), jnp.float32),
                            logical_axes=("embed", None))
         # Loss-free balancing (Wang et al., 2024): a bias that only moves the choice. It gets no
         # gradient (argmax) and is 1-d, so AdamW leaves it alone; the train step adds the update
@@ -81,12 +82,19 @@ class TokenChoiceRouter(nnx.Module):
 
 
 def expert_step_aux(step: int, logit_BxN, decide_logit_BxN, selected_BxN, valid_BxN, rcfg: RecursionConfig) -> dict:
-    """Router losses and metrics of one expert-choice step whose top-k choice is ``selected``."""
+    """Router losses and metrics of one expert-choice step whose top-k choice is ``selected``.
+
+    The paper's two ways of making the top-k choice causal at inference are alternatives
+    (section 2.2.1): the auxiliary router (``aux_router``: its own weights on stop-gradient
+    inputs, trained with the BCE at weight 1; it decides at inference and leaves the model
+    untouched), or the auxiliary loss on the gating router itself (BCE at ``aux_loss_coef``)."""
     aux = {f"mor/sampling_acc_r{step + 1}": routing.sampling_accuracy(decide_logit_BxN, selected_BxN,
                                                                          rcfg.router_func, valid_BxN)}
     if rcfg.aux_router:
-        aux[f"loss/aux_router_r{step + 1}"] = routing.topk_bce_loss(decide_logit_BxN, selected_BxN, valid_BxN)
-    if rcfg.aux_loss_coef:
+        bce = routing.topk_bce_loss(decide_logit_BxN, selected_BxN, valid_BxN)
+        aux[f"mor/router_bce_r{step + 1}"] = bce
+        aux[f"loss/aux_router_r{step + 1}"] = bce
+    elif rcfg.aux_loss_coef:
         bce = routing.topk_bce_loss(logit_BxN, selected_BxN, valid_BxN)
         aux[f"mor/router_bce_r{step + 1}"] = bce
         aux[f"loss/router_bce_r{step + 1}"] = rcfg.aux_loss_coef * bce

@@ -71,11 +71,11 @@ def validate_capacities(capacities: Sequence[float], n_recursions: int, *, name:
 
 
 def tokens_for_capacity(capacity: float, n: int) -> int:
-    """k = max(1, int(capacity * n)), the number of tokens kept out of n (Sec. 2.2.1).
-
-    The 1e-9 guards float rounding: (2/3) * 3 is 1.9999999999999998 and must give 2, not 1.
-    """
-    return max(1, int(capacity * n + 1e-9))
+    """k = max(1, int(capacity * n)), the number of tokens kept out of n (Sec. 2.2.1), with the
+    official code's truncation exactly: a product that floats round just below an integer gives
+    the integer below (0.7 * 90 = 62.99999999999999 -> 62). The default capacities (N_r - r) / N_r
+    give exact products for every length, so they are not affected."""
+    return max(1, int(capacity * n))
 
 
 def warmup_capacity(capacity: float, step, warmup_steps: int):

@@ -99,7 +99,9 @@ def test_validate_capacities_default_name():
 
 
 def test_tokens_for_capacity():
-    assert tokens_for_capacity(2 / 3, 3) == 2  # 2/3 * 3 == 1.9999999999999998 in floats
+    assert tokens_for_capacity(2 / 3, 3) == 2  # (2/3) * 3 is exactly 2.0 in floats
+    assert tokens_for_capacity(0.7, 90) == 62  # the official int(c * T): 0.7 * 90 = 62.99999999999999
+    assert tokens_for_capacity(0.29, 100) == 28
     assert tokens_for_capacity(1 / 3, 3) == 1
     assert tokens_for_capacity(1.0, 7) == 7
     assert tokens_for_capacity(0.5, 7) == 3  # floor
