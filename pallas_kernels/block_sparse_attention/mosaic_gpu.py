@@ -49,6 +49,22 @@ SMEM_BYTES = 227 * 1024
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Knobs measured in ``experiments/notes/block_sparse_kernel.md``. ``fwd_stages``/``dq_stages``:
+    K/V ring depth of the forward / dQ kernels (3 fits 227 KiB at head_dim 128 only without a dense
+    mask; fewer is used when it would not fit); ``dkv_stages``: Q/dO ring depth of the dK/dV
+    kernel; ``bwd_fuse``: issue the two independent wgmmas of a backward step together (S and dP,
+    then the two accumulating products) so each step waits twice instead of three or four times."""
+    fwd_stages: int = 2
+    dq_stages: int = 2
+    dkv_stages: int = 2
+    bwd_fuse: bool = True  # v2: backward -4% at dense S16384 on an H200; 3 stages did not help
+
+
+TUNING = Tuning()
+
+
 # ----------------------------------------------------------------------------------------------
 # Static description of one call.
 
@@ -121,6 +137,27 @@ def mm(a, b, shape, *, during=None):
             during()
         return r[...]
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def mm2(a1, b1, shape1, a2, b2, shape2):
+    """(a1 @ b1, a2 @ b2), both wgmmas in flight together, one wait (operands in SMEM)."""
+    def body(r1, r2):
+        plgpu.wgmma(r1, a1, b1)
+        plgpu.wgmma(r2, a2, b2)
+        return r1[...], r2[...]
+    return pl.run_scoped(body, plgpu.ACC(shape1, jnp.float32), plgpu.ACC(shape2, jnp.float32))
+
+
+def mma2(acc1, a1, b1, acc2, a2, b2, *, interpret: bool):
+    """(acc1 + a1 @ b1, acc2 + a2 @ b2) with a1, a2 in registers, both wgmmas in flight together."""
+    if interpret:
+        dot = lambda a, b: jnp.dot(a, b[...], preferred_element_type=jnp.float32)  # noqa: E731
+        return acc1 + dot(a1, b1), acc2 + dot(a2, b2)
+
+    def body(refs):
+        plgpu.wgmma(refs[0], a1, b1)
+        plgpu.wgmma(refs[1], a2, b2)
+    return pl.run_state(body)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
 
 
 def wgmma_zeros(shape):
@@ -386,7 +423,9 @@ def _fwd_call(cfg: _Cfg, index_fn, score_mod, q, k, v, lists, qseg, kvseg, dense
         grid_names=("heads", "q_seq", "batch"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        # Row reductions in the WGMMA layout stay inside a warp: no shared-memory scratch needed,
+        # which leaves room for a third K/V stage at head_dim 128.
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
     )(*inputs)
 
@@ -430,11 +469,15 @@ def _q_lists(layout: SparseLayout):
             i32(layout.full_q_indices))
 
 
-def _make_cfg(q, k, layout: SparseLayout, em: ElementMask, scale, interpret, stages=2) -> _Cfg:
+def _make_cfg(q, k, layout: SparseLayout, em: ElementMask, scale, interpret, kernel="fwd") -> _Cfg:
     b, t, h, d = q.shape
     dense_bm = dense_hm = 1
     if em.dense is not None:
         dense_bm, dense_hm = em.dense.shape[:2]
+    stages = TUNING.fwd_stages if kernel == "fwd" else TUNING.dq_stages
+    has_seg = em.q_segment_ids is not None
+    while stages > 2 and smem_bytes(d, layout.block_kv, stages, em.dense is not None, has_seg)[kernel] > SMEM_BYTES - 1024:
+        stages -= 1
     return _Cfg(
         batch=b, heads=h, kv_heads=k.shape[2], head_dim=d,
         t_pad=layout.n_q_blocks * BLOCK_Q, s_pad=layout.n_kv_blocks * layout.block_kv,
@@ -458,12 +501,26 @@ def _extras(cfg: _Cfg, em: ElementMask):
     return qseg, kvseg, dense
 
 
-def smem_bytes(head_dim: int, block_kv: int, stages: int, dense: bool) -> dict[str, int]:
-    """Shared memory of each kernel (bytes, 2-byte q/k/v), for ``applies``."""
-    tile = lambda r: r * head_dim * 2
-    fwd = 2 * tile(ROWS) + 2 * stages * tile(block_kv) + (stages * BLOCK_Q * block_kv if dense else 0)
-    dq = 4 * tile(ROWS) + 2 * stages * tile(block_kv) + (stages * BLOCK_Q * block_kv if dense else 0)
-    dkv = 2 * tile(BLOCK_KV) + stages * 2 * tile(ROWS) + (stages * ROWS * BLOCK_KV if dense else 0)
+def fold_segments_into_dense(em: ElementMask) -> ElementMask:
+    """With both a dense mask and segment ids, AND the segments into the dense mask (one tile
+    stream instead of two; keeps the dQ kernel within shared memory at head_dim 128)."""
+    if em.dense is None or em.q_segment_ids is None:
+        return em
+    same = em.q_segment_ids[:, None, :, None] == em.kv_segment_ids[:, None, None, :]
+    return ElementMask(dense=em.dense & same, index_fn=em.index_fn)
+
+
+def smem_bytes(head_dim: int, block_kv: int, stages: int, dense: bool, segments: bool = False) -> dict[str, int]:
+    """Shared memory of each kernel's buffers (bytes, 2-byte q/k/v; Mosaic adds ~0.7 KiB of
+    barriers and alignment), for ``applies`` and the ring depth."""
+    tile = lambda r: r * head_dim * 2  # noqa: E731
+    seg = lambda own, ring: 4 * (2 * ROWS + stages * ring) if segments else 0  # noqa: E731
+    fwd = (2 * tile(ROWS) + 2 * stages * tile(block_kv) + 2 * ROWS * 4 + seg(ROWS, block_kv)
+           + (stages * BLOCK_Q * block_kv if dense else 0))
+    dq = (4 * tile(ROWS) + 2 * stages * tile(block_kv) + 4 * ROWS * 4 + seg(ROWS, block_kv)
+          + (stages * BLOCK_Q * block_kv if dense else 0))
+    dkv = (2 * tile(BLOCK_KV) + stages * (2 * tile(ROWS) + 2 * ROWS * 4) + seg(ROWS, ROWS)
+           + (stages * ROWS * BLOCK_KV if dense else 0))
     return dict(fwd=fwd, dq=dq, dkv=dkv)
 
 
@@ -495,8 +552,8 @@ def applies(q, k, v, layout: SparseLayout, element_mask: ElementMask | None = No
         return False, f"layout blocks must be {BLOCK_Q} x {BLOCK_KV}, got {layout.block_q} x {layout.block_kv}"
     if layout.n_q_blocks != -(-layout.q_len // BLOCK_Q) or layout.n_kv_blocks != -(-layout.kv_len // BLOCK_KV):
         return False, "layout block counts do not match its lengths"
-    em = element_mask or ElementMask()
-    if max(smem_bytes(d, layout.block_kv, 2, em.dense is not None).values()) > SMEM_BYTES:
+    em = fold_segments_into_dense(element_mask or ElementMask())
+    if max(smem_bytes(d, layout.block_kv, 2, em.dense is not None, em.q_segment_ids is not None).values()) > SMEM_BYTES - 1024:
         return False, "shared memory over 227 KiB"
     return True, "ok"
 
@@ -543,7 +600,7 @@ def block_sparse_attention(q, k, v, layout: SparseLayout, element_mask: ElementM
     """Block-sparse attention on a Hopper GPU; see the module docstring. q [B, T, H, D], k/v
     [B, S, K, D] (H % K == 0). Returns (o [B, T, H, D] in q's dtype, lse [B, H, T] float32 or
     None). Differentiable in q, k, v (and through lse when it is returned)."""
-    em = element_mask if element_mask is not None else ElementMask()
+    em = fold_segments_into_dense(element_mask if element_mask is not None else ElementMask())
     ok, why = applies(q, k, v, layout, em, interpret=interpret, score_mod=score_mod)
     if not ok:
         raise ValueError(f"mosaic_gpu block_sparse_attention: {why}")

@@ -32,8 +32,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.block_sparse_attention import mosaic_gpu as fw
 from pallas_kernels.block_sparse_attention.mosaic_gpu import BLOCK_Q, LOG2E, ROWS
 
-BWD_STAGES_DKV = 2
-
 
 def _scores(cfg, score_mod, qk, b, h, q_idx_kv_idx):
     """(S in base-2 units, vjp of score_mod or None) for a raw QK^T tile."""
@@ -46,6 +44,7 @@ def _scores(cfg, score_mod, qk, b, h, q_idx_kv_idx):
 
 def _dq_call(cfg, index_fn, score_mod, q, k, v, do, lse2, delta, lists, qseg, kvseg, dense):
     bk, d, stages, dtype = cfg.block_kv, cfg.head_dim, cfg.stages, cfg.dtype
+    fuse = fw.TUNING.bwd_fuse
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
 
@@ -94,7 +93,13 @@ def _dq_call(cfg, index_fn, score_mod, q, k, v, do, lse2, delta, lists, qseg, kv
                     kvb = fw.list_index(n_full, fidx, pidx, step, cfg.n_kv)
                     col0 = kvb * bk
                     plgpu.barrier_wait(k_bar.at[slot])
-                    qk = fw.mm(q_smem, k_smem.at[slot].transpose((1, 0)), (ROWS, bk))
+                    if fuse:
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        qk, dp = fw.mm2(q_smem, k_smem.at[slot].transpose((1, 0)), (ROWS, bk),
+                                        do_smem, v_smem.at[slot].transpose((1, 0)), (ROWS, bk))
+                        plgpu.barrier_arrive(v_used.at[slot])
+                    else:
+                        qk = fw.mm(q_smem, k_smem.at[slot].transpose((1, 0)), (ROWS, bk))
                     s, vjp = _scores(cfg, score_mod, qk, batch, head,
                                      lambda: fw.iota_pair((ROWS, bk), row0, col0, False))
                     if partial:
@@ -110,9 +115,10 @@ def _dq_call(cfg, index_fn, score_mod, q, k, v, do, lse2, delta, lists, qseg, kv
                                                   qseg, kvseg, dmask)
                         s = jnp.where(allowed, s, -jnp.inf)
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    dp = fw.mm(do_smem, v_smem.at[slot].transpose((1, 0)), (ROWS, bk))
-                    plgpu.barrier_arrive(v_used.at[slot])
+                    if not fuse:
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        dp = fw.mm(do_smem, v_smem.at[slot].transpose((1, 0)), (ROWS, bk))
+                        plgpu.barrier_arrive(v_used.at[slot])
                     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
                     if vjp is not None:
                         (ds,) = vjp(ds)
@@ -172,7 +178,8 @@ def _dq_call(cfg, index_fn, score_mod, q, k, v, do, lse2, delta, lists, qseg, kv
 
 def _dkv_call(cfg, index_fn, score_mod, q, k, v, do, lse2, delta, qlists, qseg, kvseg, dense_t):
     bk, d, dtype = cfg.block_kv, cfg.head_dim, cfg.dtype
-    stages = BWD_STAGES_DKV
+    stages = fw.TUNING.dkv_stages
+    fuse = fw.TUNING.bwd_fuse
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     group = cfg.group
@@ -222,7 +229,11 @@ def _dkv_call(cfg, index_fn, score_mod, q, k, v, do, lse2, delta, qlists, qseg, 
                         qblk = fw.list_index(n_full, fidx, pidx, lax.div(j, 2), cfg.n_q)
                         col0 = qblk * BLOCK_Q + lax.rem(j, 2) * ROWS
                         plgpu.barrier_wait(q_bar.at[slot])
-                        st = fw.mm(k_smem, q_smem.at[slot].transpose((1, 0)), (ROWS, ROWS))
+                        if fuse:
+                            st, dpt = fw.mm2(k_smem, q_smem.at[slot].transpose((1, 0)), (ROWS, ROWS),
+                                             v_smem, do_smem.at[slot].transpose((1, 0)), (ROWS, ROWS))
+                        else:
+                            st = fw.mm(k_smem, q_smem.at[slot].transpose((1, 0)), (ROWS, ROWS))
                         s, vjp = _scores(cfg, score_mod, st, batch, head,
                                          lambda: fw.iota_pair((ROWS, ROWS), row0, col0, True))
                         if partial:
@@ -239,13 +250,20 @@ def _dkv_call(cfg, index_fn, score_mod, q, k, v, do, lse2, delta, qlists, qseg, 
                             s = jnp.where(allowed, s, -jnp.inf)
                         lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                         pt = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
-                        dv = fw.mma(dv, pt.astype(dtype), do_smem.at[slot], interpret=cfg.interpret, a_in_regs=True)
-                        dpt = fw.mm(v_smem, do_smem.at[slot].transpose((1, 0)), (ROWS, ROWS))
+                        if not fuse:
+                            dv = fw.mma(dv, pt.astype(dtype), do_smem.at[slot], interpret=cfg.interpret,
+                                        a_in_regs=True)
+                            dpt = fw.mm(v_smem, do_smem.at[slot].transpose((1, 0)), (ROWS, ROWS))
                         delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                         dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
                         if vjp is not None:
                             (dst,) = vjp(dst)
-                        dk = fw.mma(dk, dst.astype(dtype), q_smem.at[slot], interpret=cfg.interpret, a_in_regs=True)
+                        if fuse:
+                            dv, dk = fw.mma2(dv, pt.astype(dtype), do_smem.at[slot], dk, dst.astype(dtype),
+                                             q_smem.at[slot], interpret=cfg.interpret)
+                        else:
+                            dk = fw.mma(dk, dst.astype(dtype), q_smem.at[slot], interpret=cfg.interpret,
+                                        a_in_regs=True)
                         plgpu.barrier_arrive(q_used.at[slot])
                         return dk, dv, t + 1
 
@@ -335,7 +353,7 @@ def _dkv_call(cfg, index_fn, score_mod, q, k, v, do, lse2, delta, qlists, qseg, 
 
 def backward(q, k, v, layout, em, o, lse, do, dlse, scale, score_mod, interpret):
     """(dq, dk, dv) for the forward's (o, lse) with cotangents (do, dlse)."""
-    cfg = fw._make_cfg(q, k, layout, em, scale, interpret)
+    cfg = fw._make_cfg(q, k, layout, em, scale, interpret, kernel="dq")
     t = cfg.q_len
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     if dlse is not None:
