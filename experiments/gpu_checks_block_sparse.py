@@ -360,7 +360,8 @@ def run_bench(kinds=("dense", "causal", "local2048", "random10"), variants=("v1"
         if diff is not None:
             r["max_rel_diff_vs_first_variant"] = diff
         rows.append(r)
-        print(f"{impl + ' ' + variant:18s} {mask:10s} dens {dens:.3f}  fwd {f[0]:7.2f} ms {r['fwd_tflops']:6.0f} TF/s   "
+        print(f"{impl + ' ' + variant:18s} {mask:10s} dens {dens:.3f}  "
+              f"fwd {f[0]:7.2f} ms {r['fwd_tflops']:6.0f} TF/s   "
               f"fwd+bwd {fb[0]:7.2f} ms {r['fwdbwd_tflops']:6.0f} TF/s   bwd~ {r['bwd_ms']:7.2f} ms "
               f"{r['bwd_tflops']:6.0f} TF/s" + ("" if diff is None else f"  diff vs first {diff:.1e}"), flush=True)
 

@@ -21,9 +21,17 @@ Query heads of one kv head are adjacent in the grid's fastest axis, so the CTAs 
 K/V tile run together and read it from L2 (GQA sharing through L2, K/V never repeated in HBM).
 Query blocks are launched longest-first (reverse order), which balances causal-like layouts.
 
+Supported (``applies`` says why not otherwise): bf16 or fp16 q/k/v, head_dim 64 or 128, layouts
+of 128 x 128 blocks, any lengths (padded inside; padded keys masked, also when a layout lists the
+padded last block as full), GQA, index functions, segment ids, dense element masks (converted to
+int8; with segment ids as well, the segments are ANDed into it), ``score_mod`` in the forward and
+backward (its elementwise derivative by ``jax.vjp`` inside the kernels), gradients through the
+returned LSE. Kernel variants: :class:`Tuning` (measured in
+``experiments/notes/block_sparse_kernel.md``).
+
 Interpret mode (``interpret=True``) runs the same kernels under Mosaic GPU's CPU interpreter
 (threads, barriers, TMA, SMEM simulated); wgmma with a register operand is not simulated there,
-so that one product becomes ``jnp.dot`` in interpret mode only (see ``_mma``).
+so those products become ``jnp.dot`` in interpret mode only (see ``mma``, ``mma2``).
 """
 
 from __future__ import annotations
@@ -52,8 +60,9 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 @dataclasses.dataclass(frozen=True)
 class Tuning:
     """Knobs measured in ``experiments/notes/block_sparse_kernel.md``. ``fwd_stages``/``dq_stages``:
-    K/V ring depth of the forward / dQ kernels (3 fits 227 KiB at head_dim 128 only without a dense
-    mask; fewer is used when it would not fit); ``dkv_stages``: Q/dO ring depth of the dK/dV
+    K/V ring depth of the forward / dQ kernels (at head_dim 128, 3 fits 227 KiB only in the forward
+    without a dense mask or segment ids; fewer is used when it would not fit); ``dkv_stages``: Q/dO
+    ring depth of the dK/dV
     kernel; ``bwd_fuse``: issue the two independent wgmmas of a backward step together (S and dP,
     then the two accumulating products) so each step waits twice instead of three or four times."""
     fwd_stages: int = 2
@@ -475,8 +484,9 @@ def _make_cfg(q, k, layout: SparseLayout, em: ElementMask, scale, interpret, ker
     if em.dense is not None:
         dense_bm, dense_hm = em.dense.shape[:2]
     stages = TUNING.fwd_stages if kernel == "fwd" else TUNING.dq_stages
-    has_seg = em.q_segment_ids is not None
-    while stages > 2 and smem_bytes(d, layout.block_kv, stages, em.dense is not None, has_seg)[kernel] > SMEM_BYTES - 1024:
+    fits = lambda n: smem_bytes(d, layout.block_kv, n, em.dense is not None,  # noqa: E731
+                                em.q_segment_ids is not None)[kernel] <= SMEM_BYTES - 1024
+    while stages > 2 and not fits(stages):
         stages -= 1
     return _Cfg(
         batch=b, heads=h, kv_heads=k.shape[2], head_dim=d,
@@ -553,7 +563,8 @@ def applies(q, k, v, layout: SparseLayout, element_mask: ElementMask | None = No
     if layout.n_q_blocks != -(-layout.q_len // BLOCK_Q) or layout.n_kv_blocks != -(-layout.kv_len // BLOCK_KV):
         return False, "layout block counts do not match its lengths"
     em = fold_segments_into_dense(element_mask or ElementMask())
-    if max(smem_bytes(d, layout.block_kv, 2, em.dense is not None, em.q_segment_ids is not None).values()) > SMEM_BYTES - 1024:
+    need = smem_bytes(d, layout.block_kv, 2, em.dense is not None, em.q_segment_ids is not None)
+    if max(need.values()) > SMEM_BYTES - 1024:
         return False, "shared memory over 227 KiB"
     return True, "ok"
 

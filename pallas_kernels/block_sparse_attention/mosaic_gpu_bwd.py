@@ -20,7 +20,6 @@ Rows with LSE = -inf (no allowed key) get LSE = +inf here, so their P is 0 and t
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -304,7 +303,8 @@ def _dkv_call(cfg, index_fn, score_mod, q, k, v, do, lse2, delta, qlists, qseg, 
                             @pl.when(j >= 2 * n_full)
                             def _():
                                 if cfg.has_segments:
-                                    plgpu.copy_gmem_to_smem(qseg_ref.at[batch, rows], qseg_smem.at[slot], x_bar.at[slot])
+                                    plgpu.copy_gmem_to_smem(qseg_ref.at[batch, rows], qseg_smem.at[slot],
+                                                            x_bar.at[slot])
                                 if cfg.has_dense:
                                     db = batch if cfg.dense_bm > 1 else 0
                                     dh = head if cfg.dense_hm > 1 else 0
