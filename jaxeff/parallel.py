@@ -3,7 +3,9 @@
 Every parameter carries logical axis names (``('embed', 'mlp')``); one rule table maps each name to
 mesh axes. Changing the parallel layout means changing the mesh shape, never the model code.
 Mesh axes: ``data`` (replicated parameters, split batch), ``fsdp`` (split batch and parameters,
-gathered per layer) and ``tensor`` (split heads / MLP hidden / vocabulary).
+gathered per layer), ``expert`` (split the experts of mixture-of-experts layers; the batch is
+split over it too, as tokens are exchanged between its devices) and ``tensor`` (split heads / MLP
+hidden / vocabulary).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxeff.config import MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical name -> mesh axes, in order of preference. A dimension that a mesh axis does not divide
 # stays replicated along that axis rather than failing.
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
+    "expert": ("expert",),
     "vocab": ("tensor",),
     "embed": ("fsdp",),
     "heads": ("tensor",),
@@ -38,13 +41,13 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 
 
 def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over ``devices`` (default: all), axes in Auto mode so XLA's
+    """A (data, fsdp, expert, tensor) mesh over ``devices`` (default: all), axes in Auto mode so XLA's
     sharding propagation fills in the activations between the constraints we place."""
     cfg = cfg or MeshConfig()
     devices = list(devices if devices is not None else jax.devices())
     sizes = cfg.resolve(len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh_shape: dict[str, int],
@@ -88,8 +91,8 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch arrays split on their leading axis over data and fsdp."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+    """Batch arrays split on their leading axis over the mesh axes of the ``batch`` rule."""
+    return NamedSharding(mesh, P(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

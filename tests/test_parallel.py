@@ -10,7 +10,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxeff.config import Config, MeshConfig, ModelConfig, TrainConfig
 from jaxeff.parallel import LOGICAL_RULES, batch_sharding, constrain, logical_to_spec, make_mesh, state_shardings
 from jaxeff.train import make_optimizer, make_train_step
-from jaxeff.train.loop import abstract_model, init_params
+from jaxeff.models import abstract_model
+from jaxeff.train.loop import init_params
 from jaxeff.train.step import init_state
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (JAX_NUM_CPU_DEVICES=8)")
@@ -58,12 +59,16 @@ def test_logical_to_spec_errors():
         logical_to_spec(("nonsense",), (4,), MESH_222)
     with pytest.raises(ValueError, match="do not match array rank"):
         logical_to_spec(("embed",), (4, 4), MESH_222)
-    assert set(LOGICAL_RULES) >= {"batch", "vocab", "embed", "heads", "kv_heads", "mlp", "head_dim", "norm"}
+    assert set(LOGICAL_RULES) >= {"batch", "vocab", "embed", "heads", "kv_heads", "mlp", "head_dim", "norm", "expert"}
+    assert logical_to_spec(("expert", "embed", "mlp"), (8, 16, 32), {"expert": 4, "fsdp": 2, "tensor": 2}) == \
+        P("expert", "fsdp", "tensor")
 
 
 def test_make_mesh():
     mesh = make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2))
-    assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.devices.shape == (2, 2, 2)
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor") and mesh.devices.shape == (2, 2, 1, 2)
+    moe = make_mesh(MeshConfig(data=2, expert=4))
+    assert dict(zip(moe.axis_names, moe.devices.shape)) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
     one = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     assert one.size == 1
     with pytest.raises(ValueError, match="do not divide"):
@@ -72,8 +77,8 @@ def test_make_mesh():
 
 def test_batch_sharding_and_constrain():
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    assert batch_sharding(mesh).spec == P(("data", "fsdp"), None)
-    assert batch_sharding(mesh, 3).spec == P(("data", "fsdp"), None, None)
+    assert batch_sharding(mesh).spec == P(("data", "fsdp", "expert"), None)
+    assert batch_sharding(mesh, 3).spec == P(("data", "fsdp", "expert"), None, None)
     x = jnp.ones((8, 6))
     assert constrain(x, ("batch", "vocab")) is x  # no mesh set: a no-op
     with jax.set_mesh(mesh):

@@ -3,7 +3,7 @@
 Trains, on the same corpus and the same FLOP budget: a vanilla model, recursive transformers
 (middle_cycle, N_r = 2, 3), MoR expert-choice (N_r = 2, 3) and MoR token-choice (N_r = 3). A
 cheaper model sees more tokens in the budget: steps = budget / (FLOPs per token x tokens per
-step), FLOPs per token from :func:`jaxeff.models.recursive.flops_per_token`.
+step), FLOPs per token from :func:`jaxeff.train.flops.model_flops_per_token`.
 
 For every variant it records parameters, FLOPs, tokens, validation NLL (the paper's top-k
 evaluation and the causal threshold evaluation that decoding uses), router sampling accuracy
@@ -33,7 +33,8 @@ from flax import nnx
 from jaxeff.config import Config, DataConfig, MeshConfig, ModelConfig, RecursionConfig, TrainConfig
 from jaxeff.data import eval_batches, prepare_dataset
 from jaxeff.ops import cross_entropy, next_token_mask
-from jaxeff.train.loop import model_flops_per_token, train
+from jaxeff.train.flops import model_flops_per_token
+from jaxeff.train.loop import train
 
 VARIANTS: dict[str, dict] = {
     "vanilla": {},

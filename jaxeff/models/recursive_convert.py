@@ -217,18 +217,3 @@ def convert_transformer(vanilla_model, rcfg: RecursionConfig, *, init: str = "st
     nnx.replace_by_pure_dict(state, converted)
     nnx.update(model, state)
     return model
-
-
-def convert_run(run_dir: str, rcfg: RecursionConfig, *, init: str = "stepwise", lora_init: str = "svd",
-                seed: int = 0) -> RecursiveTransformer:
-    """A RecursiveTransformer initialised from the latest checkpoint of a trained dense run
-    (``jaxeff train`` output): the relaxed recursive model of Bae et al. (2024) built from a
-    vanilla checkpoint, ready to uptrain or evaluate."""
-    from jaxeff.train.loop import restore_run  # the train package builds models; import late
-
-    cfg, graphdef, params, _ = restore_run(run_dir)
-    if cfg.recursion.enabled:
-        raise ValueError(f"convert_run: {run_dir} holds a recursive model already (recursion.strategy="
-                         f"{cfg.recursion.strategy!r}); conversion starts from a dense run")
-    rcfg.check_depth(cfg.model.n_layers)
-    return convert_transformer(nnx.merge(graphdef, params), rcfg, init=init, lora_init=lora_init, seed=seed)

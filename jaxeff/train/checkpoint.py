@@ -39,7 +39,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxeff.config import RESUMABLE_TRAIN_FIELDS, SECTIONS
+from flax import nnx
+
+from jaxeff.config import RESUMABLE_TRAIN_FIELDS, SECTIONS, Config
+from jaxeff.models.factory import abstract_model
+from jaxeff.train.optimizer import make_optimizer
+from jaxeff.train.step import init_state
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"  # where train() saves the tokenizer and the token caches
@@ -421,6 +426,18 @@ def _section_diff(saved: dict, new: dict, section: str) -> dict[str, tuple]:
             if old_values.get(k) != new_values.get(k)}
 
 
+def _as_written_now(config_dict: dict) -> dict:
+    """A config dict as this version writes it: fields added since take their defaults, older
+    spellings (``recursion.capacities`` as a string) are normalised. One that does not parse is
+    compared as written (the difference is then reported)."""
+    if not all(isinstance(config_dict.get(s), dict) for s in SECTIONS):
+        return config_dict
+    try:
+        return Config.from_dict(config_dict).to_dict()
+    except ValueError:
+        return config_dict
+
+
 def check_run_config(run_dir: str, config_dict: dict) -> dict[str, tuple]:
     """Writes the run's config on first use; on resume, refuses a config that changes what the
     checkpoints mean, and returns the allowed changes ``{'train.steps': (old, new), ...}``.
@@ -444,6 +461,7 @@ def check_run_config(run_dir: str, config_dict: dict) -> dict[str, tuple]:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is unreadable ({e}); the run directory looks corrupted") from e
+    saved = _as_written_now(saved)
     steps = _checkpoint_steps(run_dir)
     sections = [s for s in dict.fromkeys([*saved, *config_dict])
                 if s not in FREE_SECTIONS and (isinstance(saved.get(s), dict) or isinstance(config_dict.get(s), dict)
@@ -501,3 +519,30 @@ def load_run_config(run_dir: str) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: a config must be a JSON object, got {type(d).__name__}")
     return d
+
+
+def restore_run(run_dir: str) -> tuple[Config, Any, Any, int]:
+    """(config, graphdef, params, step) of a run directory's latest intact checkpoint, on one
+    device."""
+    try:
+        cfg = Config.from_dict(load_run_config(run_dir))
+    except ValueError as e:
+        path = os.path.join(run_dir, CONFIG_FILE)
+        raise ValueError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(directory):  # read-only: never create it
+        raise FileNotFoundError(f"{run_dir}: no checkpoint found (there is no {directory})")
+    ckpt = Checkpointer(run_dir, create=False)
+    try:
+        if not ckpt.all_steps():
+            raise FileNotFoundError(f"{run_dir}: no checkpoint found under {ckpt.directory}")
+        graphdef, abstract = abstract_model(cfg)
+        params_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract))
+        tx = make_optimizer(cfg.train, params_like)
+        like = jax.eval_shape(lambda p: init_state(p, tx), params_like)
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), like)
+        step, state = ckpt.restore_latest(like)
+    finally:
+        ckpt.close()
+    return cfg, graphdef, state["params"], step

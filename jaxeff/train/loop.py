@@ -17,12 +17,11 @@ from flax import nnx
 
 from jaxeff.config import Config, RecursionConfig
 from jaxeff.data import batch_at, eval_batches, prepare_dataset
-from jaxeff.models import RecursiveTransformer, Transformer
-from jaxeff.models.recursive import flops_per_token as recursive_flops_per_token
+from jaxeff.models.factory import abstract_model, build_model
 from jaxeff.ops.routing import warmup_capacity
-from jaxeff.parallel import batch_sharding, make_mesh, state_shardings
+from jaxeff.parallel import LOGICAL_RULES, batch_sharding, make_mesh, state_shardings
 from jaxeff.train.checkpoint import Checkpointer, RunLock, check_run_config
-from jaxeff.train.flops import device_peak_flops, mfu
+from jaxeff.train.flops import device_peak_flops, mfu, model_flops_per_token
 from jaxeff.train.metrics import MetricsLog, progress
 from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.step import init_state, make_eval_step, make_train_step
@@ -32,23 +31,6 @@ log = logging.getLogger("jaxeff.train")
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-def build_model(cfg: Config, rngs: nnx.Rngs):
-    """The model a config describes: dense, or recursive / Mixture-of-Recursions."""
-    if cfg.recursion.enabled:
-        return RecursiveTransformer(cfg.model, cfg.recursion, rngs=rngs)
-    return Transformer(cfg.model, rngs=rngs)
-
-
-def model_flops_per_token(cfg: Config) -> float:
-    """Training FLOPs per token of the model a config describes (what MFU and iso-FLOP budgets count)."""
-    return recursive_flops_per_token(cfg.model, cfg.recursion, cfg.train.seq_len)
-
-
-def abstract_model(cfg: Config):
-    """graphdef and abstract state of the model, without allocating parameters."""
-    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.train.seed))))
 
 
 def capacities_at(rcfg: RecursionConfig, step: int) -> tuple[float, ...]:
@@ -105,11 +87,14 @@ def check_mesh(cfg: Config):
     (before any data or tokenizer work starts)."""
     mesh = make_mesh(cfg.mesh)
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-    split = sizes["data"] * sizes["fsdp"]
+    split = 1
+    for axis in LOGICAL_RULES["batch"]:
+        split *= sizes[axis]
     tc = cfg.train
     if tc.batch_size % split:
-        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the mesh's data x fsdp = {split} "
-                         f"devices it is split over (mesh {sizes}); change train.batch_size or mesh.*")
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the mesh's "
+                         f"{' x '.join(LOGICAL_RULES['batch'])} = {split} devices it is split over (mesh {sizes}); "
+                         f"change train.batch_size or mesh.*")
     return mesh
 
 
@@ -172,7 +157,7 @@ def _train(cfg: Config, mesh, *, verbose: bool) -> dict:
                     f"over {tc.steps} steps; step {start + 1} uses lr {float(schedule(start)):.3g} "
                     f"(the {old_steps}-step schedule gave {old_lr:.3g})")
         elif init_from:  # a fresh run starts from the converted dense weights (Adam's moments are zero anyway)
-            from jaxeff.models.recursive_convert import convert_run
+            from jaxeff.train.convert import convert_run
 
             rc = cfg.recursion
             converted = nnx.to_pure_dict(nnx.state(convert_run(init_from, rc, init=rc.init_method,
@@ -191,7 +176,7 @@ def _train(cfg: Config, mesh, *, verbose: bool) -> dict:
             if caps not in step_fns:
                 gd = graphdef
                 if caps != target_caps:
-                    phase_rcfg = dataclasses.replace(rcfg, capacities=",".join(repr(c) for c in caps))
+                    phase_rcfg = dataclasses.replace(rcfg, capacities=caps)
                     gd, abstract = abstract_model(dataclasses.replace(cfg, recursion=phase_rcfg))
                     # the capacities live in the graphdef only: every phase trains the same state
                     assert jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(abstract)) == param_like, \
@@ -294,33 +279,3 @@ def _check_finite(state) -> None:
         raise NonFiniteLossError(f"training stopped: the loss, gradient or parameter update became non-finite at "
                                  f"step {bad + 1}; its update was not applied, parameters were kept from before it "
                                  f"and no checkpoint was written with it. Lower train.lr or check the data.")
-
-
-def restore_run(run_dir: str) -> tuple[Config, Any, Any, int]:
-    """(config, graphdef, params, step) of a run directory's latest checkpoint, on one device."""
-    from jaxeff.train.checkpoint import load_run_config
-
-    from jaxeff.train.checkpoint import CONFIG_FILE, load_run_config
-
-    try:
-        cfg = Config.from_dict(load_run_config(run_dir))
-    except ValueError as e:
-        path = os.path.join(run_dir, CONFIG_FILE)
-        raise ValueError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
-    directory = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(directory):  # read-only: never create it
-        raise FileNotFoundError(f"{run_dir}: no checkpoint found (there is no {directory})")
-    ckpt = Checkpointer(run_dir, create=False)
-    try:
-        if not ckpt.all_steps():
-            raise FileNotFoundError(f"{run_dir}: no checkpoint found under {ckpt.directory}")
-        graphdef, abstract = abstract_model(cfg)
-        params_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract))
-        tx = make_optimizer(cfg.train, params_like)
-        like = jax.eval_shape(lambda p: init_state(p, tx), params_like)
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), like)
-        step, state = ckpt.restore_latest(like)
-    finally:
-        ckpt.close()
-    return cfg, graphdef, state["params"], step

@@ -18,8 +18,8 @@ def _load(name):
 
 def test_parse_layout():
     mod = _load("scaling")
-    assert mod.parse_layout("4:data=2,tensor=2") == (4, {"data": 2, "fsdp": 1, "tensor": 2}, None)
-    assert mod.parse_layout("2:fsdp=2@32") == (2, {"data": 1, "fsdp": 2, "tensor": 1}, 32)
+    assert mod.parse_layout("4:data=2,tensor=2") == (4, {"data": 2, "fsdp": 1, "expert": 1, "tensor": 2}, None)
+    assert mod.parse_layout("2:fsdp=2@32") == (2, {"data": 1, "fsdp": 2, "expert": 1, "tensor": 1}, 32)
     with pytest.raises(ValueError, match="must multiply to N=4"):
         mod.parse_layout("4:data=2")
     with pytest.raises(ValueError, match="unknown mesh axis 'pipe'"):

@@ -21,8 +21,10 @@ gguf = pytest.importorskip("gguf")
 
 import jax.numpy as jnp  # noqa: E402
 
-from jaxeff.cli_gguf import generate_text, perplexity  # noqa: E402
+from jaxeff.eval import generate_text, perplexity  # noqa: E402
+from jaxeff.config import Config  # noqa: E402
 from jaxeff.io import find_smollm2_gguf, load_gguf  # noqa: E402
+from jaxeff.models import count_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT_16 = "The quick brown fox jumps over the lazy dog while the farmer watches from his barn"
@@ -146,7 +148,7 @@ def test_config(loaded):
     assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads) == (49152, 576, 30, 9, 3)
     assert (cfg.resolved_head_dim, cfg.d_ff, cfg.rope_base, cfg.max_seq_len) == (64, 1536, 100_000.0, 8192)
     assert cfg.tie_embeddings and cfg.rope_style == "half" and loaded[0].lm_head is None
-    assert cfg.param_count() == 134_515_008
+    assert count_params(Config(model=cfg)) == 134_515_008
 
 
 def test_logits_match_independent_numpy_forward(reader, loaded):

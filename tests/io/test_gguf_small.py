@@ -12,7 +12,7 @@ gguf = pytest.importorskip("gguf")
 
 import jax.numpy as jnp  # noqa: E402
 
-from jaxeff.cli_gguf import perplexity, plan_windows  # noqa: E402
+from jaxeff.eval import perplexity, plan_windows  # noqa: E402
 from jaxeff.io import GGUFTokenizer, load_gguf, open_gguf, read_gguf_config, read_gguf_params  # noqa: E402
 
 D, H, K, HD, F, LAYERS = 64, 4, 2, 16, 96, 2
@@ -280,7 +280,8 @@ def test_unsupported_tokenizers(tmp_path):
 
 
 def test_generation_and_cli_functions(tiny, tmp_path, capsys):
-    from jaxeff.cli_gguf import generate_from_gguf, generate_text, main, perplexity_of_files
+    from jaxeff.cli import main
+    from jaxeff.eval import generate_from_gguf, generate_text, perplexity_of_files
 
     text = generate_from_gguf(tiny[0], "the cat", 6, temperature=0.0)
     assert isinstance(text, str)
@@ -325,7 +326,7 @@ def test_find_smollm2_gguf_hint(monkeypatch):
     import importlib.util
 
     from jaxeff.io import find_smollm2_gguf
-    from jaxeff.io import gguf as gguf_module
+    from jaxeff.io import gguf_file as gguf_module
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -13,7 +13,8 @@ from flax import nnx
 
 from jaxeff import Config, ModelConfig, RecursionConfig, RecursiveTransformer, Transformer
 from jaxeff.config import TrainConfig
-from jaxeff.models.recursive import flops_per_token, layer_sources, sharing_map
+from jaxeff.models import count_params
+from jaxeff.models.recursive import layer_sources, sharing_map
 from jaxeff.nn.routers import ExpertChoiceRouter
 from jaxeff.ops import AttentionMask, routing
 from jaxeff.train import init_state, make_optimizer, make_train_step
@@ -123,12 +124,12 @@ def test_param_count(strategy, n_layers, n_r, tie):
     cfg = _cfg(n_layers, tie_embeddings=tie)
     d, v = cfg.d_model, cfg.vocab_size
     non_layer = v * d + d + (0 if tie else d * v)
-    per_layer = ModelConfig(**{**BASE, "n_layers": 1, "tie_embeddings": tie}).param_count() - non_layer
+    per_layer = count_params(Config(model=ModelConfig(**{**BASE, "n_layers": 1, "tie_embeddings": tie}))) - non_layer
     n_blocks = 2 + (n_layers - 2) // n_r if strategy.startswith("middle_") else n_layers // n_r
     rc = RecursionConfig(strategy=strategy, n_recursions=n_r)
     assert _count(lambda: RecursiveTransformer(cfg, rc, rngs=nnx.Rngs(0))) == non_layer + n_blocks * per_layer
     if n_r == 1 and not strategy.startswith("middle_"):
-        assert non_layer + n_blocks * per_layer == cfg.param_count()  # no sharing: the dense model
+        assert non_layer + n_blocks * per_layer == count_params(Config(model=cfg))  # no sharing: the dense model
 
 
 @pytest.mark.parametrize("rc, extra", [
@@ -551,49 +552,6 @@ def test_compiled_flops_shrink_with_capacity_only_on_the_compacted_path():
     thr_full, thr_quarter = flops["1,1,1", "threshold"], flops["1,0.5,0.25", "threshold"]
     assert thr_quarter >= 0.98 * thr_full
     assert thr_full >= 0.95 * full
-
-
-def test_analytic_flops_per_token():
-    cfg, seq = _cfg(6), 64
-    for strategy in ("cycle", "sequence", "middle_cycle", "middle_sequence"):
-        rc = RecursionConfig(strategy=strategy, n_recursions=1)
-        assert flops_per_token(cfg, rc, seq) == pytest.approx(cfg.flops_per_token(seq), rel=1e-12)
-    assert flops_per_token(cfg, RecursionConfig(), seq) == cfg.flops_per_token(seq)
-    # Without routing, sharing changes no per-token work (same unrolled depth).
-    assert flops_per_token(cfg, RecursionConfig(strategy="cycle", n_recursions=3), seq) == pytest.approx(
-        cfg.flops_per_token(seq), rel=1e-12)
-
-    def expert(caps, kv="recursion"):
-        return flops_per_token(cfg, RecursionConfig(strategy="cycle", n_recursions=3, routing="expert",
-                                                    capacities=caps, kv_strategy=kv), seq)
-
-    assert expert("1,0.5,0.25") < expert("1,0.5,0.5") < expert("1,1,1") < expert("1,1,1") + 1
-    # Shared-stack work is linear in c_r for the matmuls and c_r^2 for attention (recursion-wise KV).
-    d, h, kh, hd, f, v = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.d_ff, cfg.vocab_size
-    layer_mm = 6.0 * (2 * d * h * hd + 2 * d * kh * hd + 3 * d * f)
-    attn = 12.0 * h * hd * seq
-    caps = (1.0, 0.5, 0.25)
-    want = 6.0 * d * v + 2 * sum(c * layer_mm + c * c * attn for c in caps) + 6.0 * d * (1 + 1 + 0.5)
-    assert expert("1,0.5,0.25") == pytest.approx(want, rel=1e-12)
-    # KV sharing: later steps skip the key/value projections but attend to all c_1 T first-step keys.
-    kv_mm = 6.0 * 2 * d * kh * hd
-    want_share = want + 2 * sum(-kv_mm * c - c * c * attn + c * 1.0 * attn for c in caps[1:])
-    assert expert("1,0.5,0.25", "share") == pytest.approx(want_share, rel=1e-12)
-    token = flops_per_token(cfg, RecursionConfig(strategy="cycle", n_recursions=3, routing="token"), seq)
-    assert token < flops_per_token(cfg, RecursionConfig(strategy="cycle", n_recursions=3), seq)
-
-
-def test_analytic_flops_count_one_router_call_per_step():
-    """At capacity 1 an expert-choice model does the unrouted model's work plus one router matmul
-    (d -> 1, 6 d training FLOPs per token) per step. Fails for N_r = 1: ``flops_per_token`` adds
-    ``6 d * sum(fracs)`` plus another ``6 d`` when there is a single step, counting its router twice."""
-    cfg, seq = _cfg(6), 64
-    for n_r in (3, 2, 1):
-        plain = flops_per_token(cfg, RecursionConfig(strategy="cycle", n_recursions=n_r), seq)
-        caps = ",".join(["1"] * n_r)
-        routed = flops_per_token(cfg, RecursionConfig(strategy="cycle", n_recursions=n_r, routing="expert",
-                                                      capacities=caps), seq)
-        assert routed - plain == pytest.approx(6.0 * cfg.d_model * n_r), n_r
 
 
 # --- training integration ----------------------------------------------------------------------

@@ -213,8 +213,7 @@ def test_mismatched_configs_are_named(vanilla_overrides, field):
 def test_convert_run_from_a_dense_checkpoint(tmp_path):
     """A trained dense run's checkpoint converts; with N_r = 1 it computes the same logits."""
     from jaxeff.config import get_preset
-    from jaxeff.models import convert_run
-    from jaxeff.train import restore_run, train
+    from jaxeff.train import convert_run, restore_run, train
 
     cfg = get_preset("tiny").override([
         f"run_dir={tmp_path / 'dense'}", "train.steps=2", "train.warmup_steps=1", "train.ckpt_every=2",

@@ -66,7 +66,10 @@ def test_output_shapes_and_dtypes(tiny_model_cfg):
 def test_param_count_matches_config(tiny_model_cfg, overrides):
     cfg = tiny_model_cfg(**overrides)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    assert _n_params(model) == cfg.param_count()
+    hd = cfg.resolved_head_dim
+    per_layer = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.d_model * cfg.d_ff + 2 * cfg.d_model
+    head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
+    assert _n_params(model) == cfg.vocab_size * cfg.d_model + cfg.n_layers * per_layer + cfg.d_model + head
     assert (model.lm_head is None) == cfg.tie_embeddings
 
 

@@ -11,7 +11,8 @@ import pytest
 from jaxeff.ops.routing import tokens_for_capacity
 from jaxeff.train import loop as loop_module
 from jaxeff.train import train
-from jaxeff.train.loop import abstract_model, capacities_at
+from jaxeff.models import abstract_model
+from jaxeff.train.loop import capacities_at
 
 # 2 layers shared as one block run twice, expert-choice 1.0 then 0.5 of the 32 tokens; the capacity
 # warm-up takes 8 steps in 4 phases. A constant lr after 2 warm-up steps makes a 5-step run follow

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxeff.config import Config
+from jaxeff.models import count_params
 from jaxeff.train import CheckpointError, NonFiniteLossError, learning_rate_schedule, restore_run, train
 from jaxeff.train import loop as loop_module
 
@@ -61,7 +62,7 @@ def reference(tmp_path_factory, run_config):
 def test_train_writes_a_complete_run(reference):
     cfg, run_dir, summary = reference["cfg"], reference["dir"], reference["summary"]
     assert summary["start_step"] == 0 and summary["steps"] == 6
-    assert summary["params"] == cfg.model.param_count()
+    assert summary["params"] == count_params(cfg)
     assert summary["n_devices"] == len(jax.devices())
     assert np.isfinite(summary["val_loss"]) and summary["val_loss"] == reference["evals"][6]["val_loss"]
     assert summary["val_ppl"] == pytest.approx(np.exp(summary["val_loss"]))

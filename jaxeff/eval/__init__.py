@@ -1,0 +1,9 @@
+"""Evaluation as library functions (the command line calls these): generation, perplexity of
+text and corpora, and the validation loss of a training run."""
+
+from jaxeff.eval.generation import generate_from_gguf, generate_text, with_bos
+from jaxeff.eval.perplexity import check_perplexity_args, perplexity, perplexity_of_files, plan_windows
+from jaxeff.eval.run import evaluate_run, load_run
+
+__all__ = ["check_perplexity_args", "evaluate_run", "generate_from_gguf", "generate_text", "load_run", "perplexity",
+           "perplexity_of_files", "plan_windows", "with_bos"]
