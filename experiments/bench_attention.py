@@ -143,9 +143,9 @@ def jax_part(a) -> dict:
 
             # jaxeff
             try:
-                fwd = jax.jit(lambda q, k, v, bm: sp.block_sparse_attention(q, k, v, bm, impl="mosaic_gpu"))
+                fwd = jax.jit(lambda q, k, v, bm: sp.block_sparse_attention(q, k, v, bm, impl=a.impl))
                 fb = jax.jit(lambda q, k, v, g, bm: jax.vjp(
-                    lambda q, k, v: sp.block_sparse_attention(q, k, v, bm, impl="mosaic_gpu"), q, k, v)[1](g))
+                    lambda q, k, v: sp.block_sparse_attention(q, k, v, bm, impl=a.impl), q, k, v)[1](g))
                 t_f = timeit(fwd, q, k, v, bm)
                 t_b = timeit(fb, q, k, v, g, bm)
                 extra = {}
@@ -156,15 +156,15 @@ def jax_part(a) -> dict:
                     def traced(q, k, v, seg):
                         m = sp.local(2048, 0) if mask == "local2048" else sp.and_masks(sp.document(seg), sp.causal())
                         bm_t = sp.create_block_mask(m, bh[0], None, s, s, block_q=BLOCK, block_kv=BLOCK)
-                        return sp.block_sparse_attention(q, k, v, bm_t, impl="mosaic_gpu")
+                        return sp.block_sparse_attention(q, k, v, bm_t, impl=a.impl)
                     extra["traced_mask_fwd_ms"] = 1e3 * timeit(jax.jit(traced), q, k, v, seg)
-                record("jaxeff mosaic_gpu", t_f, t_b, **extra)
+                record(f"jaxeff {a.impl}", t_f, t_b, **extra)
             except Exception as e:  # noqa: BLE001 - report and go on to the peers
                 print(f"[jax] jaxeff {case} {mask}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-                rows.append(dict(base, impl="jaxeff mosaic_gpu", error=f"{type(e).__name__}: {str(e)[:400]}"))
+                rows.append(dict(base, impl=f"jaxeff {a.impl}", error=f"{type(e).__name__}: {str(e)[:400]}"))
 
             # cuDNN: dense and causal only
-            if mask in ("dense", "causal"):
+            if mask in ("dense", "causal") and dev.platform == "gpu":
                 causal = mask == "causal"
                 cf = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                                           implementation="cudnn"))
@@ -308,6 +308,7 @@ def main() -> int:
     p.add_argument("--part", choices=("jax", "torch", "merge"), required=True)
     p.add_argument("--quick", action="store_true", help="one small case (a smoke test)")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--impl", default="mosaic_gpu", help="jaxeff's implementation (pallas: a CPU smoke test)")
     p.add_argument("--tables", default="/tmp/bench_attention_tables.npz")
     p.add_argument("--jax-json", default="/tmp/bench_attention_jax.json")
     p.add_argument("--torch-json", default="/tmp/bench_attention_torch.json")
