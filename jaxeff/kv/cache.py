@@ -28,6 +28,10 @@ class LayerKV:
     v: jax.Array  # [B, K, C, D]
     positions: jax.Array  # [B, K, C] int32, -1 where the slot is empty
     counts: jax.Array  # [B, K] int32, slots in use (the used slots are 0 .. counts - 1)
+    # How cache reads attend (jaxeff.nn.cache_attend): 'xla' (the jaxeff.ops attention dispatch) or
+    # a pallas_kernels.decode_attention implementation for decode-sized queries ('reference',
+    # 'portable', 'mosaic_gpu'); see jaxeff.kv.with_decode_kernel.
+    read_impl: str = dataclasses.field(default="xla", metadata=dict(static=True))
 
     @classmethod
     def empty(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype=jnp.float32) -> "LayerKV":
@@ -37,7 +41,20 @@ class LayerKV:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.positions.shape[2]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def valid(self) -> jax.Array:
+        """[B, K, C] bool: the slots that hold a token."""
+        return self.positions >= 0
 
     def append(self, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, positions_BxT: jax.Array,
                keep_BxT: jax.Array | None = None) -> tuple["LayerKV", jax.Array]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -67,12 +69,15 @@ class Transformer(LMEnds, nnx.Module):
                              dtype=jnp.dtype(dtype or cfg.dtype))
 
     def extend(self, tokens_BxT: jax.Array, cache: KVCache, *, valid_lengths: jax.Array | None = None,
-               stats_rows: int = 0) -> tuple[jax.Array, KVCache, dict]:
+               stats_rows: int = 0, stats_sums: bool = False) -> tuple[jax.Array, KVCache, dict]:
         """Runs T new tokens per row at positions ``cache.lengths + t``, appending their keys and
         values to the cache. ``valid_lengths[b]`` (default T) says how many of row b's tokens
         are real; the rest are padding, neither stored nor counted. With ``stats_rows``, the
-        stats hold per layer the attention probabilities of the last rows over the cache slots
-        (``probs``) and their queries (``queries``)."""
+        stats hold per layer the attention probabilities of each row's last valid rows over the
+        cache slots (``probs``), their queries (``queries``) and positions (``q_positions``);
+        with ``stats_sums`` the column sums of all valid rows' probabilities (``sums``):
+        :func:`jaxeff.nn.cache_attend`."""
+        check_cache(self.cfg, cache)
         b, t = tokens_BxT.shape
         positions_BxT = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         added_B = jnp.full((b,), t, jnp.int32) if valid_lengths is None else valid_lengths.astype(jnp.int32)
@@ -81,10 +86,24 @@ class Transformer(LMEnds, nnx.Module):
         layers, stats = [], []
         for block, layer in zip(self.blocks, cache.layers):
             attend = cache_attend(layer, positions_BxT, block.attn.impl, keep_BxT=keep_BxT, stats_rows=stats_rows,
-                                  pattern=self.cfg.mask)
+                                  pattern=self.cfg.mask, stats_sums=stats_sums)
             x_BxTxD, (layer, st), _ = block(x_BxTxD, positions_BxT, attend)
             layers.append(layer)
             stats.append(st)
-        new_cache = KVCache(layers=tuple(layers), lengths=cache.lengths + added_B)
-        out_stats = {k: tuple(s[k] for s in stats) for k in stats[0]} if stats_rows else {}
+        new_cache = dataclasses.replace(cache, layers=tuple(layers), lengths=cache.lengths + added_B)
+        out_stats = {k: tuple(s[k] for s in stats) for k in stats[0]} if (stats_rows or stats_sums) else {}
         return self.logits(x_BxTxD), new_cache, out_stats
+
+
+def check_cache(cfg: ModelConfig, cache) -> None:
+    """A cache made for another model shape fails here, at trace time, naming what differs."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise ValueError(f"extend: cache must be a jaxeff.kv.KVCache, got {type(cache).__name__}")
+    if len(layers) != cfg.n_layers:
+        raise ValueError(f"extend: cache has {len(layers)} layers, the model {cfg.n_layers} "
+                         f"(a cache from another model shape)")
+    layer = layers[0]
+    if layer.n_kv_heads != cfg.n_kv_heads or layer.head_dim != cfg.resolved_head_dim:
+        raise ValueError(f"extend: cache layers hold {layer.n_kv_heads} key/value heads of dimension {layer.head_dim}, "
+                         f"the model {cfg.n_kv_heads} of {cfg.resolved_head_dim} (a cache from another model shape)")

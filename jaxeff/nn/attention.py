@@ -76,19 +76,46 @@ def self_attend(mask: AttentionMask, impl: str):
 
 
 def cache_attend(layer: LayerKV, positions_BxT: jax.Array, impl: str, *, keep_BxT: jax.Array | None = None,
-                 stats_rows: int = 0, pattern: str = "causal"):
+                 stats_rows: int = 0, pattern: str = "causal", stats_sums: bool = False):
     """Appends the kept new tokens' keys/values to ``layer`` and attends over all of it by
     position: ``(o, (new_layer, stats))``. With ``stats_rows`` > 0, ``stats`` holds what
-    KV-cache policies score slots with: ``probs`` [B, H, rows, C], the attention probabilities
-    of the last ``rows`` queries over the layer's slots, and ``queries`` [B, rows, H, D]."""
+    KV-cache policies score slots with, for each row's last ``rows`` *kept* queries (rows with
+    fewer tokens get position -1 and zero probabilities): ``probs`` [B, H, rows, C], their
+    attention probabilities over the layer's slots, ``queries`` [B, rows, H, D] and
+    ``q_positions`` [B, rows]; with ``stats_sums`` also ``sums`` [B, H, C], the column sums of
+    the probabilities of every kept query.
+
+    Layer types may change how a read happens: ``rotate_queries(q, positions)`` (keys stored
+    before RoPE, :class:`jaxeff.kv.RopeLayerKV`), ``select(q, mask)`` (read-time selection,
+    Quest) and ``read_impl`` (a decode-attention kernel, :func:`jaxeff.kv.with_decode_kernel`)."""
     def attend(q, k, v):
         new_layer, _ = layer.append(k, v, positions_BxT, keep_BxT)
+        if hasattr(new_layer, "rotate_queries"):
+            q = new_layer.rotate_queries(q, positions_BxT)
         k_all, v_all = new_layer.keys_values(q.dtype)
         mask = new_layer.mask(positions_BxT, pattern=pattern)
-        o = attention(q, k_all, v_all, mask=mask, impl=position_impl(impl))
+        if hasattr(new_layer, "select"):
+            mask = new_layer.select(q, k_all, mask)
+        if new_layer.read_impl != "xla" and pattern == "causal" and mask.kv_valid is None:
+            from jaxeff.kv.decode import decode_read
+            o = decode_read(new_layer, q, positions_BxT, new_layer.read_impl)
+        else:
+            o = attention(q, k_all, v_all, mask=mask, impl=position_impl(impl))
         stats = {}
         if stats_rows:
-            stats = {"probs": attention_weights(q, k_all, mask=mask, rows=stats_rows),
-                     "queries": q[:, q.shape[1] - stats_rows:]}
+            b, t = positions_BxT.shape
+            kept_B = jnp.full((b,), t, jnp.int32) if keep_BxT is None else keep_BxT.sum(1).astype(jnp.int32)
+            idx_BxR = kept_B[:, None] - stats_rows + jnp.arange(stats_rows, dtype=jnp.int32)[None, :]
+            real_BxR = idx_BxR >= 0
+            idx_BxR = jnp.clip(idx_BxR, 0, t - 1)
+            q_rows = jnp.take_along_axis(q, idx_BxR[:, :, None, None], axis=1)
+            pos_rows = jnp.where(real_BxR, jnp.take_along_axis(positions_BxT, idx_BxR, axis=1), -1)
+            probs = attention_weights(q_rows, k_all, mask=new_layer.mask(pos_rows, pattern=pattern))
+            stats = {"probs": probs * real_BxR[:, None, :, None], "queries": q_rows, "q_positions": pos_rows}
+        if stats_sums:
+            probs_all = attention_weights(q, k_all, mask=mask)
+            if keep_BxT is not None:
+                probs_all = probs_all * keep_BxT[:, None, :, None]
+            stats["sums"] = probs_all.sum(2)
         return o, (new_layer, stats)
     return attend
