@@ -515,9 +515,9 @@ def test_metrics_drop_the_steps_redone_after_resume(ref, tmp_path):
 
 def test_eval_prints_valid_json_for_a_non_finite_loss(ref, capsys, monkeypatch):
     """Before the fix eval printed `"val_loss": NaN`, which is not JSON."""
-    from jaxeff.train import step as step_module
+    from jaxeff.eval import run as eval_run
 
-    monkeypatch.setattr(step_module, "make_eval_step", lambda graphdef, **kw: lambda p, b: {
+    monkeypatch.setattr(eval_run, "make_eval_step", lambda graphdef, **kw: lambda p, b: {
         "nll_sum": jnp.float32(jnp.nan), "tokens": jnp.float32(10.0)})
     assert main(["eval", str(ref["dir"])]) == 1
     captured = capsys.readouterr()
