@@ -194,64 +194,67 @@ class RecursiveTransformer(LMEnds, nnx.Module):
             layer_auxes.append(a)
         return x
 
-    def _forward_compact(self, h, positions_BxT, segment_ids, valid_BxT, layer_auxes):
-        """Expert-choice training: the shared stack runs only on each step's gathered top-k."""
+    def _forward_compact(self, h_BxTxD, positions_BxT, segment_ids, valid_BxT, layer_auxes):
+        """Expert-choice training (Bae et al., 2025, section 2.2.1): step r's router scores the
+        n candidates the previous step kept, the top k_r = max(1, int(c_r T)) go on (hierarchical
+        filtering, indices sorted to keep causal order), the shared stack runs on those K gathered
+        tokens alone (RoPE at their positions), and h + g * f(h) is scattered back."""
         b, t = valid_BxT.shape
         aux: dict = {}
-        cand_idx = None  # [B, n] original positions of the candidates (None: all T)
+        cand_BxN = None  # [B, n] original positions of the candidates (None: all T)
         kv = self._shared_kv()
-        loc = None  # [B, k_r] where each selected token sits among the first step's tokens
+        loc_BxK = None  # [B, k_r] where each selected token sits among the first step's tokens
         for r, cap in enumerate(self.capacities):
             k = routing.tokens_for_capacity(cap, t)
-            x_c = h if cand_idx is None else routing.gather_rows(h, cand_idx)
-            valid_c = valid_BxT if cand_idx is None else routing.gather_rows(valid_BxT, cand_idx)
-            n = x_c.shape[1]
-            logit, decide_logit = self.router.logits(r, x_c)
-            gate_c = self.router.gate(logit)
+            x_BxNxD = h_BxTxD if cand_BxN is None else routing.gather_rows(h_BxTxD, cand_BxN)
+            valid_BxN = valid_BxT if cand_BxN is None else routing.gather_rows(valid_BxT, cand_BxN)
+            n = x_BxNxD.shape[1]
+            logit_BxN, decide_logit_BxN = self.router.logits(r, x_BxNxD)
+            gate_BxN = self.router.gate(logit_BxN)
             if k >= n:  # every candidate goes on
-                local = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-                selected = jnp.ones((b, n), bool)
+                local_BxK = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+                selected_BxN = jnp.ones((b, n), bool)
             else:
-                local, selected = routing.expert_choice_topk(jnp.where(valid_c, logit, -1e30), k)
+                local_BxK, selected_BxN = routing.expert_choice_topk(jnp.where(valid_BxN, logit_BxN, -1e30), k)
             if cap < 1.0:  # the threshold rule decides at this step at inference: train it here
-                aux.update(expert_step_aux(r, logit, decide_logit, selected, valid_c, self.rcfg))
-            # index of each selected token in the first step's key list (its rank among them)
-            loc = (jnp.broadcast_to(jnp.arange(local.shape[1], dtype=jnp.int32), local.shape) if loc is None
-                   else routing.gather_rows(loc, local))
-            if cand_idx is None and k >= n:  # every token goes on: no gather or scatter needed
-                idx, x_s, pos_s, seg_s, valid_s = None, h, positions_BxT, segment_ids, valid_BxT
+                aux.update(expert_step_aux(r, logit_BxN, decide_logit_BxN, selected_BxN, valid_BxN, self.rcfg))
+            # index of each selected_BxN token in the first step's key list (its rank among them)
+            loc_BxK = (jnp.broadcast_to(jnp.arange(local_BxK.shape[1], dtype=jnp.int32), local_BxK.shape) if loc_BxK is None
+                   else routing.gather_rows(loc_BxK, local_BxK))
+            if cand_BxN is None and k >= n:  # every token goes on: no gather or scatter needed
+                idx_BxK, x_BxKxD, pos_BxK, seg_BxK, valid_BxK = None, h_BxTxD, positions_BxT, segment_ids, valid_BxT
             else:
-                idx = local if cand_idx is None else routing.gather_rows(cand_idx, local)
-                x_s, pos_s = routing.gather_rows(h, idx), routing.gather_rows(positions_BxT, idx)
-                seg_s = None if segment_ids is None else routing.gather_rows(segment_ids, idx)
-                valid_s = routing.gather_rows(valid_BxT, idx)
-            aux[f"mor/selected_frac_r{r + 1}"] = valid_s.sum() / jnp.maximum(valid_BxT.sum(), 1)
+                idx_BxK = local_BxK if cand_BxN is None else routing.gather_rows(cand_BxN, local_BxK)
+                x_BxKxD, pos_BxK = routing.gather_rows(h_BxTxD, idx_BxK), routing.gather_rows(positions_BxT, idx_BxK)
+                seg_BxK = None if segment_ids is None else routing.gather_rows(segment_ids, idx_BxK)
+                valid_BxK = routing.gather_rows(valid_BxT, idx_BxK)
+            aux[f"mor/selected_frac_r{r + 1}"] = valid_BxK.sum() / jnp.maximum(valid_BxT.sum(), 1)
 
-            def attend_for(j, r=r, pos_s=pos_s, seg_s=seg_s, loc=loc):
+            def attend_for(j, r=r, pos_BxK=pos_BxK, seg_BxK=seg_BxK, loc_BxK=loc_BxK):
                 def attend(q, k_, v_):
-                    k0, v0, (pos0, seg0) = kv.keys(j, r, k_, v_, (pos_s, seg_s), loc)
+                    k0, v0, (pos0_BxS, seg0_BxS) = kv.keys(j, r, k_, v_, (pos_BxK, seg_BxK), loc_BxK)
                     impl = position_impl(self.cfg.attention_impl)
                     if self._share(r):  # this step's queries against the first step's keys
-                        mask = self._position_mask(pos_s, pos0, q_segment_ids_BxT=seg_s, kv_segment_ids_BxS=seg0)
+                        mask = self._position_mask(pos_BxK, pos0_BxS, q_segment_ids_BxT=seg_BxK, kv_segment_ids_BxS=seg0_BxS)
                     elif self.cfg.mask in ("causal", "document"):  # gathered tokens keep causal order
-                        mask = AttentionMask.training(seg_s)
+                        mask = AttentionMask.training(seg_BxK)
                     else:  # a window or chunks go by the tokens' positions, not their gathered index
-                        mask = self._position_mask(pos_s, pos_s, q_segment_ids_BxT=seg_s, kv_segment_ids_BxS=seg_s)
+                        mask = self._position_mask(pos_BxK, pos_BxK, q_segment_ids_BxT=seg_BxK, kv_segment_ids_BxS=seg_BxK)
                     return attention(q, k0, v0, mask=mask, impl=impl), None
                 return attend
 
-            y = self._run_stack(x_s, r, pos_s, attend_for, layer_auxes)
+            y_BxKxD = self._run_stack(x_BxKxD, r, pos_BxK, attend_for, layer_auxes)
             # padding that fills a short row's top-k slots is computed but left unchanged
-            if idx is None:
-                h = h + gated_delta(jnp.where(valid_s, gate_c, 0.0), y, h.dtype)
+            if idx_BxK is None:
+                h_BxTxD = h_BxTxD + gated_delta(jnp.where(valid_BxK, gate_BxN, 0.0), y_BxKxD, h_BxTxD.dtype)
             else:
-                g_s = jnp.where(valid_s, routing.gather_rows(gate_c, local), 0.0)
-                h = routing.scatter_add_rows(h, idx, gated_delta(g_s, y, h.dtype))
-            cand_idx = idx
-        last = (jnp.ones((b, t), bool) if cand_idx is None
-                else jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], cand_idx].set(True))
-        aux["mor/dead_token_ratio"] = routing.dead_token_ratio(last, valid_BxT)
-        return h, aux
+                gate_BxK = jnp.where(valid_BxK, routing.gather_rows(gate_BxN, local_BxK), 0.0)
+                h_BxTxD = routing.scatter_add_rows(h_BxTxD, idx_BxK, gated_delta(gate_BxK, y_BxKxD, h_BxTxD.dtype))
+            cand_BxN = idx_BxK
+        last_BxT = (jnp.ones((b, t), bool) if cand_BxN is None
+                else jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], cand_BxN].set(True))
+        aux["mor/dead_token_ratio"] = routing.dead_token_ratio(last_BxT, valid_BxT)
+        return h_BxTxD, aux
 
     def _decider(self, mode: str):
         """``decide(r, h, active) -> (decide [B,T], gate [B,T], aux)`` for the masked/cached paths."""
