@@ -13,7 +13,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH="$PYTHONPATH:/tmp/site:$PWD/.carry/stubs"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 python3 experiments/bench_attention.py --part jax "$@" 2>&1 | tee "$out/bench_attention_jax.log"
-python3 experiments/bench_attention.py --part torch "$@" 2>&1 | tee "$out/bench_attention_torch.log"
+# JAX_DEADLINE / TORCH_DEADLINE: seconds after which a part starts no new case (to fit a time limit)
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 python3 experiments/bench_attention.py --part jax --deadline-s "${JAX_DEADLINE:-1e9}" "$@" \
+  2>&1 | tee "$out/bench_attention_jax.log"
+cp /tmp/bench_attention_jax.json "$out/" 2>/dev/null || true
+python3 experiments/bench_attention.py --part torch --deadline-s "${TORCH_DEADLINE:-1e9}" "$@" 2>&1 \
+  | tee "$out/bench_attention_torch.log"
 python3 experiments/bench_attention.py --part merge --out "$out/bench_attention.json" "$@"
 python3 experiments/plot_attention.py "$out/bench_attention.json" --out "$out/bench_attention.png" || true
