@@ -55,6 +55,10 @@ class KVCompression:
 
     def observation(self, cache: KVCache, stats: dict, *, prefill: bool, budget_value=None) -> Observation:
         b = self.budget
+        ratio = None
+        if b is not None and b.is_ratio:
+            v = b.value if budget_value is None else budget_value
+            ratio = jnp.broadcast_to(jnp.asarray(v, jnp.float32), cache.lengths.shape)
         if b is None:
             tokens = cache.lengths.astype(jnp.int32)
             per_layer = (tokens,) * len(cache.layers)
@@ -63,7 +67,7 @@ class KVCompression:
             tokens = b.tokens(cache.lengths, budget_value)
             per_layer = b.per_layer(tokens, len(cache.layers))
             headwise, safeguard = b.headwise, b.safeguard
-        return Observation.from_stats(stats, budget=tokens, layer_budgets=per_layer, prefill=prefill,
+        return Observation.from_stats(stats, budget=tokens, layer_budgets=per_layer, ratio=ratio, prefill=prefill,
                                       headwise=headwise, safeguard=safeguard)
 
     def init(self, cache: KVCache):  # the plain protocol: generate uses after_prefill instead

@@ -28,6 +28,7 @@ class Observation:
     sums: tuple | None = None  # per layer [B, H, C]
     budget: jax.Array | None = None  # [B] slots per head (the layer average)
     layer_budgets: tuple | None = None  # per layer [B] slots per head (the schedule)
+    ratio: jax.Array | None = None  # [B] the budget's ratio of the tokens seen (None: a token count)
     prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
     headwise: bool = dataclasses.field(default=False, metadata=dict(static=True))
     safeguard: float = dataclasses.field(default=0.2, metadata=dict(static=True))

@@ -5,10 +5,10 @@ Nothing is evicted: the cache is cut into pages of ``page`` consecutive slots; p
 channel the maximum M and minimum m of its keys bound any query's product, so a page's
 criticality for query q is ``sum_d max(q_d M_d, q_d m_d)`` (an upper bound of its largest score).
 At each decode step (one query per row) every head reads only its ``ceil(budget / page)``
-highest pages, the scores summed over the GQA group's query heads (one selection per key/value
-head, so K/V are read once per group). The page holding the newest token is always read. The
-prompt is processed densely, and the first ``skip_layers`` layers (2 in the paper) always read
-everything. The page bounds are recomputed from the keys at each read here (the reference's
+highest pages (a ratio budget applies to the tokens seen at that step), the scores summed over
+the GQA group's query heads (one selection per key/value head, so K/V are read once per group).
+The page holding the newest token is always read. The prompt is processed densely, and the first
+``skip_layers`` layers (2 in the paper) always read everything. The page bounds are recomputed from the keys at each read here (the reference's
 speed comes from keeping them; the selection is the same).
 """
 
@@ -51,7 +51,15 @@ class QuestLayerKV(LayerKV):
     """A layer that reads, at each single-query step, only the pages Quest selects."""
 
     budget: jax.Array | None = None  # [B] slots per head to read
+    ratio: jax.Array | None = None  # [B] or, where >= 0, that fraction of the tokens seen (at read time)
     page: int = dataclasses.field(default=16, metadata=dict(static=True))
+
+    def read_budget(self, q_position_B):
+        """Slots per head this step reads: the ratio of the tokens seen by the query, or the count."""
+        if self.ratio is None:
+            return self.budget
+        by_ratio = jnp.maximum(jnp.floor(self.ratio * (q_position_B + 1).astype(jnp.float32)), 1).astype(jnp.int32)
+        return jnp.where(self.ratio >= 0, by_ratio, self.budget)
 
     def select(self, q_BxTxHxD, k_BxCxKxD, mask):
         if q_BxTxHxD.shape[1] != 1:
@@ -62,7 +70,7 @@ class QuestLayerKV(LayerKV):
         newest = jnp.maximum(self.counts - 1, 0) // self.page  # [B, K]
         n_pages = scores.shape[-1]
         scores = jnp.where(jnp.arange(n_pages)[None, None, :] == newest[..., None], jnp.inf, scores)
-        want = -(-self.budget // self.page)
+        want = -(-self.read_budget(mask.q_positions[:, 0]) // self.page)
         keep_page = descending_rank(scores) < want[:, None, None]
         keep = jnp.repeat(keep_page, self.page, axis=-1)[..., :c]
         return dataclasses.replace(mask, kv_valid=keep)
@@ -87,12 +95,19 @@ class Quest(Policy):
         layers = tuple(
             layer if i < self.skip_layers else
             QuestLayerKV(k=layer.k, v=layer.v, positions=layer.positions, counts=layer.counts,
-                         read_impl=layer.read_impl, budget=jnp.full((b,), cap, jnp.int32), page=self.page)
+                         read_impl=layer.read_impl, budget=jnp.full((b,), cap, jnp.int32),
+                         ratio=jnp.full((b,), -1.0, jnp.float32), page=self.page)
             for i, layer in enumerate(cache.layers))
         return dataclasses.replace(cache, layers=layers)
 
     def __call__(self, cache, state, obs):
         budgets = self.layer_budgets(cache, state, obs)
-        layers = tuple(dataclasses.replace(layer, budget=budgets[i]) if isinstance(layer, QuestLayerKV) else layer
-                       for i, layer in enumerate(cache.layers))
-        return dataclasses.replace(cache, layers=layers), state
+        layers = []
+        for i, layer in enumerate(cache.layers):
+            if isinstance(layer, QuestLayerKV):
+                ratio = jnp.full(cache.lengths.shape, -1.0, jnp.float32)
+                if obs.ratio is not None:  # the schedule's share of this layer, applied to the tokens seen then
+                    ratio = obs.ratio * budgets[i].astype(jnp.float32) / jnp.maximum(obs.budget, 1).astype(jnp.float32)
+                layer = dataclasses.replace(layer, budget=budgets[i], ratio=ratio)
+            layers.append(layer)
+        return dataclasses.replace(cache, layers=tuple(layers)), state
