@@ -276,13 +276,15 @@ class BFPLayerKV:
 
     @classmethod
     def empty_like(cls, layer, perm: jax.Array, *, block: int, mantissa_bits: int, values: bool) -> "BFPLayerKV":
+        """An empty BFP layer of ``layer``'s shape (keys stored in ``perm`` order)."""
         b, kh, c, d = layer.k.shape
         m = mantissa_bits
         codes = lambda: jnp.full((b, kh, c, d * m // 8), 0, jnp.uint8)  # noqa: E731
         exps = lambda: jnp.zeros((b, kh, c, d // block), jnp.int8)  # noqa: E731
-        return cls(k_codes=codes(), k_exp=exps(), v=codes() if values else layer.v, v_exp=exps() if values else None,
-                   perm=perm.astype(jnp.int32), positions=layer.positions, counts=layer.counts, block=block,
-                   mantissa_bits=m, head_dim_=d, read_impl=layer.read_impl)
+        return cls(k_codes=codes(), k_exp=exps(), v=codes() if values else jnp.zeros_like(layer.v),
+                   v_exp=exps() if values else None, perm=perm.astype(jnp.int32),
+                   positions=jnp.full(layer.positions.shape, -1, jnp.int32), counts=jnp.zeros_like(layer.counts),
+                   block=block, mantissa_bits=m, head_dim_=d, read_impl=layer.read_impl)
 
     def _encode(self, x_BxKxTxD, permute: bool):
         if permute:
