@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 
@@ -95,8 +94,3 @@ def full_counts(counts, kv_positions):
 def rows_for(t: int, g: int, minimum: int = 16) -> int:
     r = max(t * g, minimum)
     return 1 << (r - 1).bit_length()
-
-
-__all__ = ["Split", "check_inputs", "combine", "full_counts", "group_rows", "pad_slots", "rows_for", "ungroup_rows"]
-
-_ = jax  # re-exported type context

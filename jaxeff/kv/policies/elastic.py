@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from jaxeff.kv.policies.base import ScoringPolicy, check_int
+from jaxeff.kv.policies.base import ScoringPolicy
 from jaxeff.kv.select import keep_top, merge_mean, recent_mask, sink_mask
 
 
