@@ -130,9 +130,9 @@ def kv_perplexity(model, tokenizer, text: str, *, policy, budget, context_tokens
     n, m = ctx.shape[1], inp.shape[1]
     capacity = n + m
     if bud is not None:
-        transform.check(capacity, [n])
         if not bud.is_ratio and bud.value > n:
             raise ValueError(f"kv_perplexity: budget {bud.value} tokens exceeds context_tokens {n}")
+        transform.check(capacity, [n])
     stepwise = compress_every is not None or pol.kind == "select"
     graphdef, state = nnx.split(model)
     t0 = time.perf_counter()
