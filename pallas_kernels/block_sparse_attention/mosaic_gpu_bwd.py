@@ -28,8 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.block_sparse_attention import mosaic_gpu as fw
-from pallas_kernels.block_sparse_attention.mosaic_gpu import BLOCK_Q, LOG2E, ROWS
+from pallas_kernels.block_sparse_attention import mosaic_gpu_fwd as fw
+from pallas_kernels.block_sparse_attention.mosaic_gpu_fwd import BLOCK_Q, LOG2E, ROWS
 
 
 def _scores(cfg, score_mod, qk, b, h, q_idx_kv_idx):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.block_sparse_attention import mosaic_gpu, reference
+from pallas_kernels.block_sparse_attention import mosaic_gpu, mosaic_gpu_fwd, reference
 from pallas_kernels.block_sparse_attention.common import ElementMask, SparseLayout
 
 from .test_base import HOPPER_CASES, AttentionTestBase, Case, _close, _rng, layout_from_dense, make_inputs
@@ -160,5 +160,5 @@ def test_dense_mask_and_segments_together():
                          ids=["unfused", "three_stages"])
 def test_other_tunings(tuning, monkeypatch):
     """The non-default kernel variants of ``mosaic_gpu.Tuning`` (both measured on an H200)."""
-    monkeypatch.setattr(mosaic_gpu, "TUNING", tuning)
+    monkeypatch.setattr(mosaic_gpu_fwd, "TUNING", tuning)  # what both passes read
     TestMosaicGPU().test_against_reference(HOPPER_CASES[0])
