@@ -67,6 +67,11 @@ class RecursionConfig:
     z_loss_coef: float = 0.0
     kv_strategy: KVStrategy = "recursion"
     kv_share_update: bool = False  # share: tokens selected at a later step overwrite their shared keys/values
+    # Decoding: 0 allocates every recursion's KV cache at full capacity (decoding then equals the
+    # causal threshold forward exactly); s >= 1 allocates stored recursion r by its capacity,
+    # ceil(c_r * capacity * s) slots, and a token that would join a full cache stops at the depth
+    # before (the paper's KV memory saving, (N_r + 1) / (2 N_r) of the recursion blocks at s = 1).
+    kv_slack: float = 0.0
     capacity_warmup_steps: int = 0  # expert-choice: cosine warm-up of the capacities from 1.0 (0: off)
     capacity_warmup_phases: int = 8  # the warm-up moves in this many steps (each compiles its own train step)
     init_from: str = ""  # a dense run directory to convert and uptrain from (Relaxed Recursive Transformers)
@@ -93,6 +98,8 @@ class RecursionConfig:
         for name in ("aux_loss_coef", "balance_coef", "bias_update_rate", "z_loss_coef"):
             if getattr(self, name) < 0:
                 _fail("RecursionConfig", name, f"must be >= 0, got {getattr(self, name)}")
+        if self.kv_slack != 0 and self.kv_slack < 1:
+            _fail("RecursionConfig", "kv_slack", f"must be 0 (full caches) or >= 1, got {self.kv_slack}")
         if self.router_alpha <= 0:
             _fail("RecursionConfig", "router_alpha", f"must be > 0, got {self.router_alpha}")
         if self.strategy == "none":

@@ -45,15 +45,22 @@ class RecursiveCache:
         return self.shared[stored * self.n_shared + block]
 
     @classmethod
-    def empty(cls, *, n_unique: int, n_stored: int, n_shared: int, batch: int, capacity: int, n_kv_heads: int,
-              head_dim: int, dtype=jnp.float32) -> "RecursiveCache":
-        make = lambda n: tuple(LayerKV.empty(batch, n_kv_heads, capacity, head_dim, dtype) for _ in range(n))
-        return cls(unique=make(n_unique), shared=make(n_stored * n_shared), lengths=jnp.zeros((batch,), jnp.int32),
-                   n_stored=n_stored)
+    def empty(cls, *, n_unique: int, stored_capacities: tuple[int, ...], n_shared: int, batch: int, capacity: int,
+              n_kv_heads: int, head_dim: int, dtype=jnp.float32) -> "RecursiveCache":
+        """``stored_capacities``: the slots of each stored recursion's layers (the first and last
+        layers get ``capacity``)."""
+        make = lambda c: LayerKV.empty(batch, n_kv_heads, c, head_dim, dtype)
+        shared = tuple(make(c) for c in stored_capacities for _ in range(n_shared))
+        return cls(unique=tuple(make(capacity) for _ in range(n_unique)), shared=shared,
+                   lengths=jnp.zeros((batch,), jnp.int32), n_stored=len(stored_capacities))
 
     def nbytes(self) -> int:
         """Bytes allocated (every slot, written or not)."""
         return sum(layer.nbytes() for layer in self.unique + self.shared)
+
+    def shared_nbytes(self) -> int:
+        """Bytes allocated for the shared (recursion) blocks only."""
+        return sum(layer.nbytes() for layer in self.shared)
 
     def held_entries(self) -> dict[str, int]:
         """Key/value entries written, per layer kind: what a memory-tight cache would hold.

@@ -19,6 +19,8 @@ shared stack it makes. Three forward paths compute it:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -71,6 +73,14 @@ def gated_delta(gate_BxN: jax.Array, y_BxNxD: jax.Array, dtype) -> jax.Array:
     """g * f(h), the part of MoR's residual update h + g * f(h) (Bae et al., 2025, eq. 2) that a
     step adds to the tokens it selects."""
     return (gate_BxN[..., None] * y_BxNxD.astype(jnp.float32)).astype(dtype)
+
+
+def _fits(decide_BxT: jax.Array, layer) -> jax.Array:
+    """The deciding tokens that still find a free slot in ``layer``, in token order (MoR's
+    decode-time overflow rule for caches allocated by capacity)."""
+    rank_BxT = jnp.cumsum(decide_BxT.astype(jnp.int32), axis=1) - 1
+    free_B = layer.capacity - layer.counts[:, 0]
+    return decide_BxT & (rank_BxT < free_B[:, None])
 
 
 class SharedKV:
@@ -323,13 +333,24 @@ class RecursiveTransformer(LMEnds, nnx.Module):
         return h, aux
 
     # ----------------------------------------------------------------------------------- decode
+    def stored_capacities(self, capacity: int) -> tuple[int, ...]:
+        """Slots of each stored recursion's cache for a ``capacity``-token context: all of them
+        with ``kv_slack=0``, else ceil(c_r * capacity * kv_slack) (at most ``capacity``), c_r the
+        step's capacity (expert-choice) or its balanced load (token-choice)."""
+        rc = self.rcfg
+        n_stored = rc.n_recursions if rc.kv_strategy == "recursion" else 1
+        if not rc.kv_slack or rc.routing == "none":
+            return (capacity,) * n_stored
+        fracs = (self.capacities if rc.routing == "expert"
+                 else tuple((rc.n_recursions - r) / rc.n_recursions for r in range(rc.n_recursions)))
+        return tuple(min(capacity, math.ceil(fracs[s] * capacity * rc.kv_slack)) for s in range(n_stored))
+
     def init_cache(self, batch: int, capacity: int, dtype=None) -> RecursiveCache:
-        cfg, rc = self.cfg, self.rcfg
+        cfg = self.cfg
         return RecursiveCache.empty(n_unique=2 if self.first is not None else 0,
-                                    n_stored=rc.n_recursions if rc.kv_strategy == "recursion" else 1,
-                                    n_shared=self.n_shared, batch=batch, capacity=capacity,
-                                    n_kv_heads=cfg.n_kv_heads, head_dim=cfg.resolved_head_dim,
-                                    dtype=jnp.dtype(dtype or cfg.dtype))
+                                    stored_capacities=self.stored_capacities(capacity), n_shared=self.n_shared,
+                                    batch=batch, capacity=capacity, n_kv_heads=cfg.n_kv_heads,
+                                    head_dim=cfg.resolved_head_dim, dtype=jnp.dtype(dtype or cfg.dtype))
 
     def extend(self, tokens_BxT: jax.Array, cache: RecursiveCache, *, valid_lengths: jax.Array | None = None,
                stats_rows: int = 0) -> tuple[jax.Array, RecursiveCache, dict]:
@@ -375,6 +396,8 @@ class RecursiveTransformer(LMEnds, nnx.Module):
             decide_fn, active = self._decider("threshold"), valid_BxT
             for r in range(self.rcfg.n_recursions):
                 decide, gate, _ = decide_fn(r, h, active)
+                if not self._share(r):  # a full cache: the tokens that do not fit stop at depth r
+                    decide = _fits(decide, shared[stored(r) * u])
                 x = h
                 for j in range(u):
                     x, _, _ = self.shared[j](x, positions_BxT, attend_for(j, r, decide), lora=self._lora(j, r))
