@@ -104,3 +104,45 @@ cfg = jaxeff.get_preset("tiny").override([
 summary = train(cfg, verbose=False)
 print(f"validation loss {summary['val_loss']:.3f} nats/token with a 32-token window "
       f"(unigram baseline {summary['unigram_nats']:.3f})")
+
+# %% [markdown]
+# ## Choosing the blocks from the attention itself: a selector on a video model
+#
+# The masks above are fixed rules. `jaxeff.sparse.select` chooses the blocks from the queries and
+# keys of the layer at hand (Sparse VideoGen2, PAROAttention, AdaSpa, Efficient-vDiT, XAttention,
+# MInference): `select(q, k, method=...)` returns a BlockMask, a token permutation for the
+# methods that reorder tokens, and a state for the next call; `attend` permutes q/k/v, runs
+# `block_sparse_attention` and permutes the output back. Here a tiny two-layer video transformer
+# trains for a few steps on procedural videos of moving shapes (8 frames of 6 x 6 patches, 288
+# tokens), and two selectors pick the blocks of its second layer: PARO (one axis order of the
+# (frames, height, width) grid per head, chosen by a calibration pass, then a static mask in that
+# order) and AdaSpa (the exact attention mass of every block, from the log-sum-exp, and the top
+# blocks of each head). `experiments/sparse_select/run.py` evaluates every method on a larger
+# version of this model and on SmolLM2.
+
+# %%
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(jaxeff.__file__))), "experiments"))
+from sparse_select import video_data, video_model  # noqa: E402
+
+from jaxeff.sparse.select import attend, select  # noqa: E402
+
+video = video_data.VideoSpec(frames=8, grid=6, patch=4)
+vmodel, _ = video_model.train(video, video_model.ModelSpec(n_layers=2),
+                              video_model.TrainSpec(steps=max(20, STEPS // 2), batch_size=4), log=lambda line: None)
+vbatch = video_model.make_batch(video, 2, seed=1)
+_, seen = video_model.forward(vmodel, vbatch, lambda i, q, k, v: video_model.gqa_attention(q, k, v), capture=True)
+q1, k1, v1, o1 = seen[1]  # the second layer's rotated queries and keys, and its dense output
+
+selectors = {"paro": dict(grid=video.token_grid, density=0.3, block=16), "adaspa": dict(density=0.3, block=16)}
+fig, axes = plt.subplots(1, len(selectors), figsize=(8, 4))
+for ax, (method, kwargs) in zip(axes, selectors.items()):
+    bm, perm, _ = jax.jit(lambda q, k: select(q, k, method=method, **kwargs))(q1, k1)
+    o = attend(q1, k1, v1, bm, perm, impl="reference")
+    err = float(jnp.linalg.norm(o - o1) / jnp.linalg.norm(o1))
+    ax.imshow(np.asarray(bm.block_states())[0, 0], cmap="Blues", vmin=0, vmax=2, interpolation="nearest")
+    ax.set_title(f"{method}: {float(bm.block_density()):.0%} of blocks\n(head 0, in its own token order)")
+    print(f"{method}: {float(bm.block_density()):.1%} of blocks, attention error vs dense {err:.3f}")
+plt.tight_layout()
+plt.savefig("selector_masks.png")

@@ -80,7 +80,9 @@ def select(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, *, method: str, density: 
 
 
 def init_state(method: str, q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, **options) -> Any:
-    """The state ``select`` would hand back, before any call (None for stateless methods)."""
+    """The state ``select`` would hand back, before any call (None for stateless methods).
+    Takes the same keywords as ``select`` (``density`` / ``threshold`` are ignored)."""
+    options = {k: v for k, v in options.items() if k not in ("density", "threshold")}
     m = _method(method, options)
     return None if m.init_state is None else m.init_state(q_BxTxHxD, k_BxSxKxD, **options)
 

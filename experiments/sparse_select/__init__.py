@@ -1,0 +1,1 @@
+"""Dynamic block selection and token reordering on real attention (jaxeff issue 19): run.py."""
