@@ -70,8 +70,11 @@ def gqa_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD):
     cuDNN's fused attention in bf16, so long videos fit in memory)."""
     if jax.default_backend() == "gpu":
         bf = jnp.bfloat16
-        o = jax.nn.dot_product_attention(q_BxTxHxD.astype(bf), k_BxSxKxD.astype(bf), v_BxSxKxD.astype(bf),
-                                         implementation="cudnn")
+        args = (q_BxTxHxD.astype(bf), k_BxSxKxD.astype(bf), v_BxSxKxD.astype(bf))
+        try:
+            o = jax.nn.dot_product_attention(*args, implementation="cudnn")
+        except Exception:  # noqa: BLE001 - no cuDNN fused attention for these shapes: XLA's, in bf16
+            o = jax.nn.dot_product_attention(*args)
         return o.astype(q_BxTxHxD.dtype)
     b, t, h, d = q_BxTxHxD.shape
     kh = k_BxSxKxD.shape[2]
