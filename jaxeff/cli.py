@@ -1,4 +1,4 @@
-"""Command line: ``jaxeff train | eval | generate | gguf-generate | gguf-perplexity``, one parser
+"""Command line: ``jaxeff train | eval | generate | gguf-generate | gguf-perplexity | kv-perplexity``, one parser
 and one dispatch over library functions (:mod:`jaxeff.train`, :mod:`jaxeff.eval`)."""
 
 from __future__ import annotations
@@ -87,12 +87,14 @@ def _check_sampling_args(args) -> None:
 
 
 def cmd_generate(args) -> int:
-    from jaxeff.eval import generate_from_gguf, load_run
+    from jaxeff.eval import generate_from_gguf, kv_generate_kwargs, load_run
     from jaxeff.generate import generate
 
     _check_sampling_args(args)
+    kv = kv_generate_kwargs(args)  # --kv-policy ...: checked before any model is loaded
     if args.gguf:
-        print(generate_from_gguf(args.gguf, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+        print(generate_from_gguf(args.gguf, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                                 **kv))
         return 0
     if not args.run_dir:
         raise SystemExit("jaxeff generate: give a RUN_DIR or --gguf PATH")
@@ -102,7 +104,7 @@ def cmd_generate(args) -> int:
         ids = [tokenizer.bos_id]
     _check_prompt_fits(len(ids), cfg.model.max_seq_len)
     out = generate(model, ids, min(args.max_new_tokens, cfg.model.max_seq_len - len(ids)),
-                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, eos_id=tokenizer.eos_id)
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, eos_id=tokenizer.eos_id, **kv)
     print(tokenizer.decode(out))
     return 0
 
@@ -185,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate, coordinator=None)
+    from jaxeff.eval.kv import add_kv_generate_options, register_kv_commands, run_kv_perplexity
+    add_kv_generate_options(g)  # --kv-policy, --kv-budget, --kv-compress-every, --kv-option
+    register_kv_commands(sub).set_defaults(fn=run_kv_perplexity, coordinator=None)  # kv-perplexity
 
     _gguf_parsers(sub)
     return p

@@ -16,7 +16,8 @@ def with_bos(tokenizer, ids: list[int]) -> list[int]:
 # --- sampling -------------------------------------------------------------------------------------
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
-                  top_k: int | None = None, seed: int = 0, chat: bool = False, system: str | None = None) -> str:
+                  top_k: int | None = None, seed: int = 0, chat: bool = False, system: str | None = None,
+                  **generate_kwargs) -> str:
     """The model's continuation of ``prompt`` (the continuation only, without the prompt).
 
     ``temperature=0`` is greedy. With ``chat=True`` the prompt is wrapped as one ChatML user turn
@@ -29,7 +30,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, te
         prompt_ids = with_bos(tokenizer, tokenizer.encode(prompt))
     if not prompt_ids:
         raise ValueError("generate_text: the prompt is empty (it encodes to no tokens)")
-    out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                   **generate_kwargs)
     new = out[len(prompt_ids):]
     stops = getattr(tokenizer, "special_ids", frozenset()) or {tokenizer.eos_id}
     for i, t in enumerate(new):
@@ -45,8 +47,9 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, *, te
 
 def generate_from_gguf(path: str | os.PathLike | None, prompt: str, max_new_tokens: int = 64,
                        temperature: float = 0.0, top_k: int | None = None, seed: int = 0, *, chat: bool = False,
-                       dtype: str = "float32") -> str:
-    """Loads a GGUF file (None: the bundled SmolLM2) and returns its continuation of ``prompt``."""
+                       dtype: str = "float32", **generate_kwargs) -> str:
+    """Loads a GGUF file (None: the bundled SmolLM2) and returns its continuation of ``prompt``
+    (``generate_kwargs``, e.g. a KV-cache policy, go to :func:`jaxeff.generate`)."""
     model, tokenizer = load_gguf(path, dtype=dtype)
     return generate_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                         chat=chat)
+                         chat=chat, **generate_kwargs)
