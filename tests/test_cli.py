@@ -78,3 +78,16 @@ def test_usage_errors():
     with pytest.raises(SystemExit) as info:
         main(["train"])  # argparse: --config is required
     assert info.value.code == 2
+
+
+def test_kv_commands_are_wired_into_the_one_dispatch(capsys, tmp_path):
+    """kv-perplexity and generate's --kv-* options go through the same parser; bad input exits 2
+    before any model is loaded."""
+    from jaxeff.cli import build_parser, main
+
+    args = build_parser().parse_args(["kv-perplexity", "x.txt", "--policy", "snapkv", "--context-tokens", "8"])
+    assert args.command == "kv-perplexity" and callable(args.fn)
+    assert main(["generate", "--gguf", "missing.gguf", "--prompt", "a", "--kv-budget", "0.5"]) == 2
+    assert "need --kv-policy" in capsys.readouterr().err
+    assert main(["kv-perplexity", str(tmp_path / "none.txt"), "--policy", "snapkv", "--context-tokens", "8"]) == 2
+    assert "cannot read" in capsys.readouterr().err
