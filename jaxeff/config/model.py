@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from jaxeff.config._checks import _check_types, _fail, _positive
+from jaxeff.config.moe import MoEConfig
 
 AttentionImpl = Literal["auto", "xla", "cudnn", "block_sparse"]
 RopeStyle = Literal["half", "interleaved"]
@@ -63,8 +64,14 @@ class ModelConfig:
     # registered in code with jaxeff.ops.register_mask_pattern.
     mask: str = "causal"
     attention_block: int = 128  # block size of attention_impl='block_sparse' (queries and keys)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts FFN layers (jaxeff.config.moe)
 
     def __post_init__(self):
+        if isinstance(self.moe, dict):  # from JSON (config.json stores it under model.moe)
+            try:
+                object.__setattr__(self, "moe", MoEConfig(**self.moe))
+            except TypeError as e:
+                _fail("ModelConfig", "moe", f"unknown MoEConfig field ({e})")
         _check_types(self)
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
         if self.head_dim < 0:
@@ -87,6 +94,7 @@ class ModelConfig:
             _fail("ModelConfig", "mask", str(e))
         if self.attention_block < 16 or self.attention_block & (self.attention_block - 1):
             _fail("ModelConfig", "attention_block", f"must be a power of two >= 16, got {self.attention_block}")
+        self.moe.check_layers(self.n_layers)
 
     @property
     def resolved_head_dim(self) -> int:

@@ -213,12 +213,15 @@ class Config:
                 raise ValueError(f"--set {item!r}: expected key=value, for example train.steps=100")
             key, raw = item.split("=", 1)
             parts = key.strip().split(".")
+            if parts[0] in NESTED_ALIASES:  # moe.kind is model.moe.kind
+                parts = [*NESTED_ALIASES[parts[0]], *parts[1:]]
             target, cls = d, Config
             for p in parts[:-1]:
                 if p not in target or not isinstance(target[p], dict):
-                    raise ValueError(f"--set {item!r}: unknown section {p!r}; sections are {', '.join(SECTIONS)}")
+                    raise ValueError(f"--set {item!r}: unknown section {p!r}; sections are "
+                                     f"{', '.join([*SECTIONS, *NESTED_ALIASES])}")
                 target = target[p]
-                cls = SECTIONS[p]
+                cls = SECTIONS[p] if cls is Config else typing.get_type_hints(cls)[p]
             leaf = parts[-1]
             if leaf not in target:
                 raise ValueError(f"--set {item!r}: {cls.__name__} has no field {leaf!r}; "
@@ -232,3 +235,5 @@ class Config:
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig,
                              "recursion": RecursionConfig}
+# Sections nested inside another, reachable by their own name in --set (moe.kind=... is model.moe.kind=...).
+NESTED_ALIASES: dict[str, tuple[str, ...]] = {"moe": ("model", "moe")}

@@ -48,8 +48,10 @@ def register_ffn(kind: str, build: Callable[[ModelConfig, int, nnx.Rngs], nnx.Mo
 
 
 def ffn_kind(cfg: ModelConfig, layer_index: int) -> str:
-    """The FFN kind of a layer (the dense SwiGLU until mixtures of experts are configured)."""
-    return getattr(cfg, "ffn_kind_of", lambda layer: "swiglu")(layer_index)
+    """The FFN kind of a layer: the dense SwiGLU, or ``cfg.moe.kind`` on the layers a mixture of
+    experts replaces (all but ``cfg.moe.dense_layers``; the kinds register from ``jaxeff.moe``)."""
+    kind = cfg.moe.layer_kind(layer_index)
+    return "swiglu" if kind == "dense" else kind
 
 
 def make_ffn(cfg: ModelConfig, layer_index: int, rngs: nnx.Rngs) -> nnx.Module:

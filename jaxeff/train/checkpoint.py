@@ -43,6 +43,7 @@ from flax import nnx
 
 from jaxeff.config import RESUMABLE_TRAIN_FIELDS, SECTIONS, Config
 from jaxeff.models.factory import abstract_model
+from jaxeff.moe.schedule import loss_schedules
 from jaxeff.train.optimizer import make_optimizer
 from jaxeff.train.step import init_state
 
@@ -539,7 +540,7 @@ def restore_run(run_dir: str) -> tuple[Config, Any, Any, int]:
         graphdef, abstract = abstract_model(cfg)
         params_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract))
         tx = make_optimizer(cfg.train, params_like)
-        like = jax.eval_shape(lambda p: init_state(p, tx), params_like)
+        like = jax.eval_shape(lambda p: init_state(p, tx, loss_schedules(cfg.model)), params_like)
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), like)
         step, state = ckpt.restore_latest(like)

@@ -18,6 +18,8 @@ from flax import nnx
 from jaxeff.config import Config, RecursionConfig
 from jaxeff.data import batch_at, eval_batches, prepare_dataset
 from jaxeff.models.factory import abstract_model, build_model
+from jaxeff.moe.parallel import check_expert_split
+from jaxeff.moe.schedule import loss_schedules
 from jaxeff.ops.routing import warmup_capacity
 from jaxeff.parallel import LOGICAL_RULES, batch_sharding, make_mesh, state_shardings
 from jaxeff.train.checkpoint import Checkpointer, RunLock, check_run_config
@@ -95,6 +97,8 @@ def check_mesh(cfg: Config):
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the mesh's "
                          f"{' x '.join(LOGICAL_RULES['batch'])} = {split} devices it is split over (mesh {sizes}); "
                          f"change train.batch_size or mesh.*")
+    if cfg.model.moe.enabled:
+        check_expert_split(cfg.model.moe.n_experts, sizes["expert"])
     return mesh
 
 
@@ -138,7 +142,8 @@ def _train(cfg: Config, mesh, *, verbose: bool) -> dict:
         graphdef, params, param_sh = init_params(cfg, mesh)
         tx = make_optimizer(tc, params)
         schedule = learning_rate_schedule(tc)
-        state = jax.jit(lambda p: init_state(p, tx))(params)
+        loss_scheds = loss_schedules(cfg.model)  # adaptive MoE loss coefficients, kept in the state
+        state = jax.jit(lambda p: init_state(p, tx, loss_scheds))(params)
         state_sh = jax.tree.map(lambda x: x.sharding, state)
         n_params = sum(x.size for x in jax.tree.leaves(params))
         del params
@@ -182,7 +187,8 @@ def _train(cfg: Config, mesh, *, verbose: bool) -> dict:
                     assert jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(abstract)) == param_like, \
                         f"capacities {caps} changed the parameters"
                 step_fns[caps] = jax.jit(
-                    make_train_step(gd, tx, grad_accum=tc.grad_accum, mask_documents=tc.mask_documents),
+                    make_train_step(gd, tx, grad_accum=tc.grad_accum, mask_documents=tc.mask_documents,
+                                    schedules=loss_scheds),
                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
             return step_fns[caps]
 

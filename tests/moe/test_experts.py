@@ -1,0 +1,103 @@
+"""Expert compute paths against a numpy loop: the dense reference (non-gated and gated), dropless
+top-k through ``jax.lax.ragged_dot`` (values and gradients equal to the dense path), fixed
+capacities that drop the overflow in GShard's order, and the chunk-sparse kernel path with the
+dense path's gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxeff.moe import experts, routers
+
+N, D, E, F, K = 12, 8, 6, 5, 2
+
+
+@pytest.fixture
+def weights():
+    rng = np.random.default_rng(0)
+    return (jnp.asarray(rng.normal(size=(N, D)), jnp.float32), jnp.asarray(rng.normal(size=(E, D, F)) * 0.3, jnp.float32),
+            jnp.asarray(rng.normal(size=(E, F, D)) * 0.3, jnp.float32), jnp.asarray(rng.normal(size=(E, D, F)) * 0.3,
+                                                                                   jnp.float32))
+
+
+def np_experts(x, a, w_up, w_down, w_gate=None):
+    x, a, w_up, w_down = (np.asarray(v, np.float64) for v in (x, a, w_up, w_down))
+    silu = lambda u: u / (1 + np.exp(-u))  # noqa: E731
+    y = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for e in range(a.shape[1]):
+            if a[n, e] == 0:
+                continue
+            h = silu(x[n] @ w_up[e]) if w_gate is None else silu(x[n] @ np.asarray(w_gate[e])) * (x[n] @ w_up[e])
+            y[n] += a[n, e] * h @ w_down[e]
+    return y
+
+
+def test_dense_experts_non_gated_and_gated(weights):
+    x, w_up, w_down, w_gate = weights
+    a = jnp.asarray(np.maximum(np.random.default_rng(1).normal(size=(N, E)), 0), jnp.float32)
+    np.testing.assert_allclose(np.asarray(experts.dense_experts(x, a, w_up, w_down)), np_experts(x, a, w_up, w_down),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(experts.dense_experts(x, a, w_up, w_down, w_gate)),
+                               np_experts(x, a, w_up, w_down, w_gate), rtol=1e-4, atol=1e-5)
+
+
+def test_ragged_equals_dense_in_values_and_gradients(weights):
+    x, w_up, w_down, w_gate = weights
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(N, E)), jnp.float32)
+    gates, chosen, _ = routers.topk_route(logits, K)
+    dense = lambda x, u, d, g: experts.dense_experts(x, routers.gates_to_dense(g, chosen, E), u, d)  # noqa: E731
+    ragged = lambda x, u, d, g: experts.ragged_experts(x, g, chosen, u, d)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(ragged(x, w_up, w_down, gates)),
+                               np_experts(x, routers.gates_to_dense(gates, chosen, E), w_up, w_down), rtol=1e-4, atol=1e-5)
+    loss = lambda f: lambda *a: jnp.sum(jnp.tanh(f(*a)))  # noqa: E731
+    gd = jax.grad(loss(dense), argnums=(0, 1, 2, 3))(x, w_up, w_down, gates)
+    gr = jax.grad(loss(ragged), argnums=(0, 1, 2, 3))(x, w_up, w_down, gates)
+    for a, b in zip(gd, gr):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    gated = experts.ragged_experts(x, gates, chosen, w_up, w_down, w_gate)
+    np.testing.assert_allclose(np.asarray(gated), np_experts(x, routers.gates_to_dense(gates, chosen, E), w_up, w_down,
+                                                             w_gate), rtol=1e-4, atol=1e-5)
+
+
+def test_tokamax_is_refused_clearly_when_missing():
+    try:
+        import tokamax  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="tokamax"):
+            experts.ragged_dot_impl("tokamax")
+    assert experts.ragged_dot_impl("ragged") is jax.lax.ragged_dot
+
+
+def test_capacity_drops_the_overflow_in_gshard_order(weights):
+    x, w_up, w_down, _ = weights
+    chosen = jnp.asarray([[0, 1]] * 4 + [[1, 0]] * 2 + [[2, 3]] * 6, jnp.int32)
+    gates = jnp.full((N, K), 0.5, jnp.float32)
+    slot, kept = experts.capacity_slots(chosen, E, 3)
+    # first choices take slots before second choices: expert 0 gets tokens 0-3 first (slots 0..3)
+    np.testing.assert_array_equal(np.asarray(slot[:4, 0]), [0, 1, 2, 3])
+    np.testing.assert_array_equal(np.asarray(slot[4:6, 1]), [4, 5])  # expert 0 as second choice comes after
+    y, kept = experts.capacity_experts(x, gates, chosen, w_up, w_down, capacity=3)
+    a = np.asarray(routers.gates_to_dense(jnp.where(kept, gates, 0.0), chosen, E))
+    np.testing.assert_allclose(np.asarray(y), np_experts(x, a, w_up, w_down), rtol=1e-4, atol=1e-5)
+    big, kept_all = experts.capacity_experts(x, gates, chosen, w_up, w_down, capacity=N)
+    assert bool(kept_all.all())
+    np.testing.assert_allclose(np.asarray(big), np.asarray(experts.ragged_experts(x, gates, chosen, w_up, w_down)),
+                               rtol=1e-5, atol=1e-6)
+    assert experts.expert_capacity(12, 2, 6, 1.25) == 5
+
+
+@pytest.mark.parametrize("impl", ["reference", "portable"])
+def test_chunk_sparse_kernel_path_has_the_dense_values_and_gradients(weights, impl):
+    x, w_up, w_down, _ = weights
+    a = jnp.asarray(np.maximum(np.random.default_rng(3).normal(size=(2, 6, E)) - 0.5, 0), jnp.float32)
+    xb = x.reshape(2, 6, D)
+    ref = lambda x, a, u, d: experts.dense_experts(x.reshape(-1, D), a.reshape(-1, E), u, d).reshape(2, 6, D)  # noqa
+    ker = lambda x, a, u, d: experts.chunk_sparse_experts(x, a, u, d, chunk_len=4, impl=impl)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(ker(xb, a, w_up, w_down)), np.asarray(ref(xb, a, w_up, w_down)),
+                               rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda *v: jnp.sum(f(*v) ** 2)  # noqa: E731
+    for g1, g2 in zip(jax.grad(loss(ker), argnums=(0, 1, 2, 3))(xb, a, w_up, w_down),
+                      jax.grad(loss(ref), argnums=(0, 1, 2, 3))(xb, a, w_up, w_down)):
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-5, atol=1e-5)
