@@ -39,7 +39,8 @@ def _extend_kw(transform, prefill: bool) -> dict:
 @functools.lru_cache(maxsize=64)
 def _scorer(graphdef, transform, capacity: int, stepwise: bool):
     """A jitted ``(state, context [1, N], inputs [1, M], targets [1, M], budget) -> (nll, kept
-    [L, K], bytes/token)`` for one policy (``transform=None``: no compression)."""
+    [L, K], positions [L, K, C] after compressing the context)`` for one policy
+    (``transform=None``: no compression)."""
 
     def run(state, ctx_1xN, inp_1xM, tgt_1xM, budget_value):
         model = nnx.merge(graphdef, state)
@@ -52,9 +53,10 @@ def _scorer(graphdef, transform, capacity: int, stepwise: bool):
             _, cache, stats = model.extend(ctx_1xN, cache, valid_lengths=lengths, **_extend_kw(transform, True))
             cache, tstate = transform.after_prefill(cache, None, stats, budget_value=budget_value)
         kept = jnp.stack([layer.counts[0] for layer in cache.layers])
+        positions = jnp.stack([layer.positions[0] for layer in cache.layers])
         if not stepwise:
             logits, _, _ = model.extend(inp_1xM, cache)
-            return cross_entropy(logits, tgt_1xM)[0], kept
+            return cross_entropy(logits, tgt_1xM)[0], kept, positions
         every = transform.interval() if transform is not None else None
 
         def step(carry, xs):
@@ -74,7 +76,7 @@ def _scorer(graphdef, transform, capacity: int, stepwise: bool):
         m = inp_1xM.shape[1]
         tstate0 = tstate if transform is not None else ()
         _, nlls = jax.lax.scan(step, (cache, tstate0), (inp_1xM[0], tgt_1xM[0], jnp.arange(m, dtype=jnp.int32)))
-        return nlls.mean(), kept
+        return nlls.mean(), kept, positions
 
     return jax.jit(run)
 
@@ -103,7 +105,7 @@ def _split_text(tokenizer, text: str, context_tokens: int, continuation_tokens: 
 def kv_perplexity(model, tokenizer, text: str, *, policy, budget, context_tokens: int,
                   continuation_tokens: int | None = 256, compress_every: int | None = None,
                   options: dict | None = None, layer_weights=None, headwise: bool = False,
-                  with_full: bool = True) -> dict:
+                  with_full: bool = True, return_positions: bool = False) -> dict:
     """Continuation perplexity with a compressed cache (see the module docstring).
 
     ``policy``: a name (:func:`jaxeff.kv.policy_names`, with ``options``) or a policy object;
@@ -113,7 +115,9 @@ def kv_perplexity(model, tokenizer, text: str, *, policy, budget, context_tokens
     ``context_tokens``, ``continuation_tokens``, ``kept_slots`` (mean per layer and head after
     compressing the context), ``kept_fraction`` (of the context), ``kept_per_layer``, ``nll`` and
     ``perplexity``, ``full_nll`` / ``full_perplexity`` (no compression, ``with_full``),
-    ``bytes_per_token`` (of the compressed cache, all layers) and ``seconds``."""
+    ``bytes_per_token`` (of the compressed cache, all layers) and ``seconds``; with
+    ``return_positions`` also ``positions``, the context positions each layer and head kept
+    (an int array [L, K, C], -1 for empty slots)."""
     pol = make_policy(policy, **(options or {}))
     if compress_every is not None and (isinstance(compress_every, bool) or not isinstance(compress_every, int)
                                        or compress_every < 1):
@@ -140,8 +144,8 @@ def kv_perplexity(model, tokenizer, text: str, *, policy, budget, context_tokens
     # one program per policy and budget kind: the budget's value is an argument
     placeholder = None if bud is None else Budget(0.5 if bud.is_ratio else 1, layers=bud.layers, headwise=headwise)
     key_transform = KVCompression(pol, placeholder, compress_every)
-    nll, kept = _scorer(graphdef, key_transform, capacity, stepwise)(state, jnp.asarray(ctx), jnp.asarray(inp),
-                                                                       jnp.asarray(tgt), value)
+    nll, kept, positions = _scorer(graphdef, key_transform, capacity, stepwise)(
+        state, jnp.asarray(ctx), jnp.asarray(inp), jnp.asarray(tgt), value)
     nll = float(nll)
     kept = np.asarray(kept)
     out = {"policy": pol.name, "options": {k: v for k, v in vars(pol).items()}, "budget": budget,
@@ -149,6 +153,8 @@ def kv_perplexity(model, tokenizer, text: str, *, policy, budget, context_tokens
            "kept_slots": float(kept.mean()), "kept_fraction": float(kept.mean() / n),
            "kept_per_layer": kept.mean(-1).round(2).tolist(), "nll": nll, "perplexity": math.exp(nll),
            "bytes_per_token": _bytes_per_token(model, transform, capacity)}
+    if return_positions:
+        out["positions"] = np.asarray(positions)
     if with_full:
         full_nll = float(_scorer(graphdef, None, capacity, stepwise and pol.kind != "select")(
             state, jnp.asarray(ctx), jnp.asarray(inp), jnp.asarray(tgt), None)[0])
