@@ -4,8 +4,10 @@
 probabilities of each row's last R *valid* query rows over the layer's slots (``probs``
 [B, H, R, C]), those queries (``queries`` [B, R, H, D]) and positions (``q_positions`` [B, R],
 -1 for a row that has fewer than R tokens), and the column sums of the probabilities of every
-valid query (``sums`` [B, H, C]). Probabilities are per query head; :func:`group_mean` aggregates
-the G query heads of each key/value head (GQA, without ever repeating keys or values).
+valid query (``sums`` [B, H, C]). Probabilities are per query head; :func:`group_mean`
+(``Observation.kv_probs`` / ``kv_sums``) aggregates the G query heads of each key/value head
+(GQA, without ever repeating keys or values); key norms come from the cache
+(:func:`key_norms`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,19 @@ class Observation:
     prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
     headwise: bool = dataclasses.field(default=False, metadata=dict(static=True))
     safeguard: float = dataclasses.field(default=0.2, metadata=dict(static=True))
+
+    def kv_probs(self, index: int, n_kv_heads: int) -> jax.Array:
+        """[B, K, R, C]: layer ``index``'s probabilities, aggregated over each GQA group."""
+        return group_mean(self.probs[index], n_kv_heads)
+
+    def kv_sums(self, index: int, n_kv_heads: int) -> jax.Array:
+        """[B, K, C]: layer ``index``'s column sums, aggregated over each GQA group."""
+        return group_mean(self.sums[index], n_kv_heads)
+
+    @staticmethod
+    def key_norms(layer: LayerKV) -> jax.Array:
+        """[B, K, C]: the L2 norm of each slot's key (:func:`key_norms`)."""
+        return key_norms(layer)
 
     @classmethod
     def from_stats(cls, stats: dict, **kw) -> "Observation":
