@@ -160,7 +160,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
         raise ValueError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"max_seq_len {cfg.max_seq_len}")
     if hasattr(cache_transform, "capacity"):
-        capacity = cache_transform.capacity(longest, max_new_tokens)
+        capacity = cache_transform.capacity(longest, max_new_tokens, cfg.n_kv_heads)
         cache_transform.check(capacity, [len(p) for p in prompts])
     tokens = np.zeros((len(prompts), longest), np.int32)
     for i, p in enumerate(prompts):

@@ -97,13 +97,15 @@ SETTINGS = {
         synthetic=dict(steps=40, n_pairs=16, n_queries=8, budgets=[0.25, 1.0],
                        policies=["streaming_llm", "snapkv", "kivi_2bit"], n_eval=64),
     ),
+    # Sized for a shared 2-core CPU (about an hour): 768-token contexts for perplexity, 384 for the
+    # decoding and retrieval parts. On a quieter machine, raise context to 1024+ (the code is the same).
     "full": dict(
-        ppl=dict(texts=["hamlet", "genesis", "readme"], context=1024, continuation=256, budgets=[0.25, 0.5, 0.75],
+        ppl=dict(texts=["hamlet", "genesis"], context=768, continuation=192, budgets=[0.25, 0.5, 0.75],
                  policies=list(SMOLLM2_POLICIES), quant=list(QUANT_POLICIES)),
-        decode=dict(text="hamlet", context=512, continuation=128, budget=128, every=16,
+        decode=dict(text="hamlet", context=384, continuation=96, budget=96, every=16,
                     policies=[p for p in SMOLLM2_POLICIES if p != "snapkv_adakv"]),
-        needle=dict(trials=6, tokens=512, budgets=[0.25, 0.5, 0.75], policies=list(SMOLLM2_POLICIES)),
-        multiturn=dict(trials=6, tokens=512, turns=4, budgets=[0.25, 0.5], policies=list(SMOLLM2_POLICIES),
+        needle=dict(trials=5, tokens=384, budgets=[0.25, 0.5, 0.75], policies=list(SMOLLM2_POLICIES)),
+        multiturn=dict(trials=5, tokens=384, turns=3, budgets=[0.25, 0.5], policies=list(SMOLLM2_POLICIES),
                        query_aware=["snapkv"]),
         synthetic=dict(steps=3000, n_pairs=16, n_queries=8, budgets=[0.125, 0.25, 0.5, 0.75, 1.0],
                        policies=list(SYNTH_POLICIES), n_eval=512),
@@ -135,7 +137,7 @@ def _transform(name, value, table=SMOLLM2_POLICIES):
 
 # --- parts ------------------------------------------------------------------------------------
 
-def part_ppl(model, tok, s):
+def part_ppl(model, tok, s, checkpoint=lambda r: None):
     out = {}
     for text_name in s["texts"]:
         text = tasks.load_text(text_name)
@@ -154,6 +156,7 @@ def part_ppl(model, tok, s):
             log(f"  ppl {text_name} {name}: " + ", ".join(f"{b}: {x['perplexity']:.2f} (kept {x['kept_fraction']:.2f})"
                                                            for b, x in zip(s["budgets"], rows))
                 + f" | full {r['full']:.2f}")
+            checkpoint({**out, text_name: r})
         for name in s["quant"]:
             pol_name, opts = QUANT_POLICIES[name]
             x = kv_perplexity(model, tok, text, policy=pol_name, budget=None, options=opts, with_full=False, **kw)
@@ -161,11 +164,12 @@ def part_ppl(model, tok, s):
                                    "bytes_per_token": x["bytes_per_token"], "seconds": x["seconds"]}
             log(f"  ppl {text_name} {name}: {x['perplexity']:.2f}, {x['bytes_per_token']:.0f} B/token "
                 f"(full {r['bytes_per_token_full']:.0f})")
+            checkpoint({**out, text_name: r})
         out[text_name] = r
     return out
 
 
-def part_decode(model, tok, s):
+def part_decode(model, tok, s, checkpoint=lambda r: None):
     text = tasks.load_text(s["text"])
     kw = dict(context_tokens=s["context"], continuation_tokens=s["continuation"], compress_every=s["every"])
     r = {"text": s["text"], "budget_tokens": s["budget"], "every": s["every"], "policies": {}}
@@ -176,10 +180,11 @@ def part_decode(model, tok, s):
         r.setdefault("full", x.get("full_perplexity"))
         r["policies"][name] = {"perplexity": x["perplexity"], "seconds": x["seconds"]}
         log(f"  decode {name}: {x['perplexity']:.2f} (full {r['full']:.2f})")
+        checkpoint(r)
     return r
 
 
-def _qa_part(model, tok, s, contexts, turns, answers, label):
+def _qa_part(model, tok, s, contexts, turns, answers, label, checkpoint=lambda r: None):
     r = {"budgets": s["budgets"], "policies": {}}
     full, _, decoded = qa.run_turns(model, tok, contexts, turns, answers, None)
     r["full"] = full
@@ -197,21 +202,23 @@ def _qa_part(model, tok, s, contexts, turns, answers, label):
         r["policies"][key] = {"budget": s["budgets"], "accuracy": [float(np.mean(per_turn[str(b)])) for b in s["budgets"]],
                               "per_turn": per_turn, "kept_fraction": kept}
         log(f"  {label} {key}: " + ", ".join(f"{b}: {per_turn[str(b)]}" for b in s["budgets"]))
+        checkpoint(r)
     return r
 
 
-def part_needle(model, tok, s):
+def part_needle(model, tok, s, checkpoint=lambda r: None):
     contexts, question, answers, depths = tasks.passkey_trials(tok, s["trials"], s["tokens"])
-    r = _qa_part(model, tok, s, contexts, [[question] * len(answers)], [[a] for a in answers], "needle")
+    r = _qa_part(model, tok, s, contexts, [[question] * len(answers)], [[a] for a in answers], "needle",
+                 lambda r: checkpoint({**r, "full": r["full"][0]}))
     r["full"] = r["full"][0]
     r["depths"], r["context_tokens"] = depths, s["tokens"]
     return r
 
 
-def part_multiturn(model, tok, s):
+def part_multiturn(model, tok, s, checkpoint=lambda r: None):
     contexts, questions, answers = tasks.multiturn_trials(tok, s["trials"], s["tokens"], s["turns"])
     turns = [[questions[i][t] for i in range(len(questions))] for t in range(s["turns"])]
-    r = _qa_part(model, tok, s, contexts, turns, answers, "multiturn")
+    r = _qa_part(model, tok, s, contexts, turns, answers, "multiturn", checkpoint)
     r["context_tokens"], r["turns"] = s["tokens"], s["turns"]
     return r
 
@@ -273,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default: results_<mode> beside this script)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     ap.add_argument("--fresh", action="store_true", help="ignore results already in --out")
+    ap.add_argument("--policies", default=None,
+                    help="comma-separated policy names: run only these, merging into the results already in --out")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = sorted(set(parts) - set(PARTS))
@@ -287,8 +296,14 @@ def main(argv=None) -> int:
             results = json.load(f)
         if results.get("mode") != args.mode:
             results = {}
-    s = SETTINGS[args.mode]
-    results.update({"mode": args.mode, "hardware": hardware(), "settings": s,
+    s = json.loads(json.dumps(SETTINGS[args.mode]))
+    only = None if args.policies is None else {p.strip() for p in args.policies.split(",") if p.strip()}
+    if only is not None:
+        for part in s.values():
+            for key in ("policies", "quant", "query_aware"):
+                if key in part:
+                    part[key] = [p for p in part[key] if p in only]
+    results.update({"mode": args.mode, "hardware": hardware(), "settings": SETTINGS[args.mode],
                     "date": datetime.date.today().isoformat(), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)"})
     results.setdefault("smollm2", {})
     results.setdefault("seconds", {})
@@ -306,10 +321,28 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         log(f"[{part}]")
         if part == "synthetic":
-            results["synthetic"] = part_synthetic(s["synthetic"])
+            new = part_synthetic(s["synthetic"])
+            if only is not None and "synthetic" in results:
+                results["synthetic"]["policies"].update(new["policies"])
+            else:
+                results["synthetic"] = new
         else:
             key = {"ppl": "perplexity"}.get(part, part)
-            results["smollm2"][key] = globals()[f"part_{part}"](model, tok, s[part])
+            old = json.loads(json.dumps(results["smollm2"].get(key))) if only is not None else None
+
+            def merge(new, key=key, old=old):
+                if old:
+                    merged = json.loads(json.dumps(old))
+                    if key == "perplexity":
+                        for text, r in new.items():
+                            merged.setdefault(text, r)["policies"].update(r["policies"])
+                    else:
+                        merged["policies"].update(new["policies"])
+                    new = merged
+                results["smollm2"][key] = new
+                save()
+
+            merge(globals()[f"part_{part}"](model, tok, s[part], merge))
         results["seconds"][part] = round(time.perf_counter() - t0, 1)
         save()
     ppl = results["smollm2"].get("perplexity")

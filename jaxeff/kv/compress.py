@@ -90,14 +90,16 @@ class KVCompression:
     def interval(self) -> int | None:
         return self.every if self.every is not None else getattr(self.policy, "default_every", None)
 
-    def capacity(self, prompt_len: int, new_tokens: int) -> int:
+    def capacity(self, prompt_len: int, new_tokens: int, n_kv_heads: int = 1) -> int:
         """Slots a cache needs so that it never overflows: the prompt, and after each compression
-        what the policy keeps plus the tokens appended before the next one."""
+        what the policy keeps plus the tokens appended before the next one (with head-wise
+        allocation one head may take up to the whole layer's share)."""
         full = prompt_len + new_tokens
         if self.budget is None or not self.policy.uses_budget:
             return full
         every = self.interval()
-        kept = self.policy.max_kept(self.budget.max_tokens(full), full, 1)
+        tokens = self.budget.max_tokens(full) * (n_kv_heads if self.budget.headwise else 1)
+        kept = self.policy.max_kept(tokens, full, 1)
         return min(full, max(prompt_len, kept + (every if every is not None else new_tokens)))
 
     def check(self, capacity: int, prompt_lengths) -> None:

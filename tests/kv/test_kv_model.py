@@ -223,6 +223,8 @@ def test_generate_compresses_during_decoding_as_a_manual_loop(model):
     out = generate(model, prompt, n, temperature=0, kv_policy=policy("h2o", recent=2), kv_budget=8,
                    compress_every=every)
     assert t.capacity(len(prompt), n) == len(prompt)  # max(prompt, budget + every)
+    assert KVCompression(policy("h2o"), Budget(8), every).capacity(10, 30, 2) == 11  # budget + every
+    assert KVCompression(policy("h2o"), Budget(8, headwise=True), every).capacity(10, 30, 2) == 19  # one head: all
     graphdef, state = nnx.split(model)
 
     @jax.jit

@@ -138,14 +138,22 @@ def test_snapkv_decoding_slides_its_query_window():
 
 
 def test_pyramidkv_layer_budgets_and_selection():
-    """kvpress's budgets: min = B / beta, max = 2B - min, linear in depth; SnapKV inside each."""
-    n_layers, b, beta, w = 5, 40, 4.0, 4
-    got = [int(x[0]) for x in pyramid_budgets(jnp.asarray([b]), jnp.asarray([200]), n_layers, beta, w)]
-    lo, hi = b / beta, 2 * b - b / beta
-    assert got == [round(hi - l * (hi - lo) / (n_layers - 1)) for l in range(n_layers)]
-    assert sum(got) == n_layers * b
-    # falls back to the uniform budget when the pyramid does not fit the context
-    assert [int(x[0]) for x in pyramid_budgets(jnp.asarray([b]), jnp.asarray([60]), n_layers, beta, w)] == [b] * 5
+    """The paper's budgets: c = B - W, min = c // beta, max = 2c - min (cut to n - W with
+    min = 2c - max), layer l keeps W + max - l * ((max - min) // (L - 1))."""
+    def numpy_rule(b, n, n_layers, beta, w):
+        c = b - w
+        lo = int(c // beta)
+        hi = 2 * c - lo
+        if hi >= n - w:
+            hi, lo = n - w, 2 * c - (n - w)
+        steps = (hi - lo) // (n_layers - 1)
+        return [w + hi - l * steps for l in range(n_layers)]
+
+    for b, n in ((40, 200), (40, 60), (256, 1024), (768, 1024)):
+        got = [int(x[0]) for x in pyramid_budgets(jnp.asarray([b]), jnp.asarray([n]), 5, 4.0, 4)]
+        assert got == numpy_rule(b, n, 5, 4.0, 4), (b, n)
+        assert got[0] > got[-1] and abs(sum(got) / 5 - b) <= 4
+    w = 4
     rng = np.random.default_rng(4)
     cache, lengths = random_cache(rng, n_layers=3, c=24, counts=((22, 22), (22, 22)))
     q, qpos = _window_queries(rng, cache, lengths, w)
@@ -153,7 +161,7 @@ def test_pyramidkv_layer_budgets_and_selection():
     obs = obs_for(cache, budget, queries=tuple(jnp.asarray(x) for x in q), q_positions=jnp.asarray(qpos))
     out, _ = _run(policy("pyramidkv", window=w, kernel=3, beta=2.0), cache, obs)
     per = [[int(x) for x in np.asarray(v)] for v in pyramid_budgets(obs.budget, cache.lengths, 3, 2.0, w)]
-    assert per[0][0] > budget > per[2][0]
+    assert per[0][0] > budget > per[2][0] and per == [[x] * 2 for x in numpy_rule(budget, 22, 3, 2.0, w)]
     _check(out, cache, _snap_expect(cache, lengths, q, qpos, w, 3, per))
 
 

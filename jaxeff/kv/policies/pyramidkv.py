@@ -1,12 +1,15 @@
 """PyramidKV (Cai et al., 2024, "PyramidKV: Dynamic KV Cache Compression based on Pyramidal
-Information Funneling", arXiv 2406.02069, section 3.2; the layer budgets as kvpress's
-``PyramidKVPress.get_layer_budget`` computes them).
+Information Funneling", arXiv 2406.02069, section 3.2; the layer budgets as the authors' code,
+``PyramidKVCluster``, computes them).
 
 Rule: SnapKV's scores and window in every layer, with budgets that fall linearly with depth.
-For a mean per-head budget B over L layers: ``min = B / beta``, ``max = 2 B - min``, and layer
-l keeps ``round(max - l (max - min) / (L - 1))`` slots, so the layers' mean stays B. Where that
-would not fit (``not length >= max >= min >= window``) every layer keeps B (SnapKV), as kvpress
-falls back. ``beta = 20`` (the paper's).
+For a per-head budget B (window W included) over L layers and a prompt of n tokens, the
+non-window part c = B - W gives ``min = floor(c / beta)`` and ``max = 2 c - min``; when
+``max >= n - W`` the top is cut to ``max = n - W`` and ``min = 2 c - max`` (the mean stays c).
+Layer l keeps ``W + max - l * floor((max - min) / (L - 1))`` slots. ``beta = 20`` (the paper's).
+(kvpress instead falls back to SnapKV's uniform budget unless ``n >= max >= min >= W``, which at
+beta = 20 and W = 32 needs B >= 672: this follows the paper's code, which always builds the
+pyramid.)
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from jaxeff.kv.policies.snapkv import SnapKV
 
 
 def pyramid_budgets(budget_B, lengths_B, n_layers: int, beta: float, window: int):
-    """Per-layer slots per head (a tuple of [B] int32) for a mean budget ``budget_B``."""
-    b = budget_B.astype(jnp.float32)
-    lo = b / beta
-    hi = 2.0 * b - lo
-    fits = (lengths_B >= hi) & (hi >= lo) & (lo >= window)
-    steps = (hi - lo) / max(n_layers - 1, 1)
-    return tuple(jnp.where(fits, jnp.round(hi - l * steps), b).astype(jnp.int32) for l in range(n_layers))
+    """Per-layer slots per head (a tuple of [B] int32) for a per-head budget ``budget_B``."""
+    c = jnp.maximum(budget_B.astype(jnp.int32) - window, 0)
+    lo = jnp.floor(c / beta).astype(jnp.int32)
+    hi = 2 * c - lo
+    cut = hi >= lengths_B - window
+    hi = jnp.where(cut, lengths_B - window, hi)
+    lo = jnp.where(cut, 2 * c - hi, lo)
+    steps = (hi - lo) // max(n_layers - 1, 1)
+    return tuple(jnp.maximum(window + hi - l * steps, window).astype(jnp.int32) for l in range(n_layers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,4 +49,4 @@ class PyramidKV(SnapKV):
         return pyramid_budgets(obs.budget, cache.lengths, len(cache.layers), self.beta, self.window)
 
     def max_kept(self, budget: int, length: int, n_layers: int) -> int:
-        return min(length, max(budget, round(2 * budget - budget / self.beta)))
+        return min(length, max(budget, 2 * budget - self.window))
