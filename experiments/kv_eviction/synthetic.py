@@ -20,14 +20,14 @@ from tasks import MQAR_VOCAB, mqar_batch
 
 
 def model_config() -> ModelConfig:
+    # init 0.1 (not 0.02) and 32 keys: in probes on this CPU the content-matching (induction) circuit
+    # MQAR needs then forms within the few thousand steps a CPU affords
     return ModelConfig(vocab_size=MQAR_VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256,
-                       max_seq_len=128, rope_base=1000.0, init_std=0.02)
+                       max_seq_len=128, rope_base=10_000.0, init_std=0.1)
 
 
 def train(steps: int, n_pairs: int, n_queries: int, *, batch: int = 64, lr: float = 3e-3, seed: int = 0, log=print):
-    """AdamW with warm-up and cosine decay on freshly drawn MQAR batches, the number of pairs
-    cycling through 2, 4, ... up to ``n_pairs`` (short contexts make the induction circuit
-    easy to find; the long ones are what is evaluated). Returns (model, curve)."""
+    """AdamW with warm-up and cosine decay on freshly drawn MQAR batches. Returns (model, curve)."""
     model = Transformer(model_config(), rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), max(steps, 2), lr * 0.05)
@@ -44,13 +44,11 @@ def train(steps: int, n_pairs: int, n_queries: int, *, batch: int = 64, lr: floa
         return optax.apply_updates(params, updates), opt, loss
 
     rng = np.random.default_rng(seed)
-    sizes = [n for n in (2, 4, 8, 16, 32, 64) if n < n_pairs] + [n_pairs]
     curve, t0 = [], time.perf_counter()
     for i in range(steps):
-        n = sizes[i % len(sizes)]
-        tokens, mask = mqar_batch(rng, batch, n, min(n_queries, n))
+        tokens, mask = mqar_batch(rng, batch, n_pairs, n_queries)
         params, opt, loss = step(params, opt, jnp.asarray(tokens), jnp.asarray(mask))
-        if n == n_pairs and (i // len(sizes)) % max(steps // (10 * len(sizes)), 1) == 0 or i == steps - 1:
+        if i % max(steps // 10, 1) == 0 or i == steps - 1:
             curve.append((i, float(loss)))
             log(f"  mqar step {i}: loss {float(loss):.3f} ({time.perf_counter() - t0:.0f}s)")
     return nnx.merge(graphdef, params), curve

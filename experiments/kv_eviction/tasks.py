@@ -94,7 +94,7 @@ def multiturn_trials(tokenizer, n_trials: int, n_tokens: int, n_turns: int, seed
 
 # --- multi-query associative recall (Arora et al., 2023, "Zoology", MQAR) -----------------------
 
-N_KEYS, N_VALUES = 64, 64
+N_KEYS, N_VALUES = 32, 32
 SEP = 1 + N_KEYS + N_VALUES
 MQAR_VOCAB = SEP + 1
 
