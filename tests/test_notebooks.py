@@ -14,7 +14,8 @@ NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 # what each notebook prints when it ran to the end
 EXPECTED = {"mor_quickstart.ipynb": ("validation loss", "KV entries of the recursion blocks"),
             "block_sparse_attention.ipynb": ("max |kernel - dense|", "validation loss", "attention error vs dense"),
-            "kv_eviction.ipynb": ("kept tokens per policy", "perplexity vs budget", "generated with a 12-slot H2O cache")}
+            "kv_eviction.ipynb": ("kept tokens per policy", "perplexity vs budget", "generated with a 12-slot H2O cache"),
+            "blockffn.ipynb": ("validation loss", "expert activations", "CLS_8", "CLS_L:", "chunk-sparse kernel")}
 
 
 def notebook_source(path: Path) -> str:

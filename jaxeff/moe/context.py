@@ -7,7 +7,8 @@ The FFN contract is ``ffn(x_BxTxD, lora=None)``, so the train and eval steps ope
 for ids matching its input's ``[B, T]``: Mixture-of-Recursions' gathered token subsets have
 another length and get ``None`` (every token valid, every neighbour a predecessor). Outside a
 step (a direct model call, decoding) there is no context: no masking, and each coefficient's
-start value.
+start value. ``record=True`` (analysis, not training) makes every MoE layer also return its dense
+activations ``[B, T, E]`` under ``aux['moe/act/<layer index>']``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ _CTX: contextvars.ContextVar[dict | None] = contextvars.ContextVar("jaxeff_moe_b
 
 
 @contextlib.contextmanager
-def batch_context(*, segment_ids=None, coefs: dict[str, Any] | None = None) -> Iterator[None]:
-    token = _CTX.set({"segment_ids": segment_ids, "coefs": dict(coefs or {})})
+def batch_context(*, segment_ids=None, coefs: dict[str, Any] | None = None, record: bool = False) -> Iterator[None]:
+    token = _CTX.set({"segment_ids": segment_ids, "coefs": dict(coefs or {}), "record": bool(record)})
     try:
         yield
     finally:
@@ -43,3 +44,9 @@ def coefficient(name: str, default: float):
     if ctx is None or name not in ctx["coefs"]:
         return default
     return ctx["coefs"][name]
+
+
+def recording() -> bool:
+    """Whether the layers should return their activations (``batch_context(record=True)``)."""
+    ctx = _CTX.get()
+    return bool(ctx is not None and ctx["record"])

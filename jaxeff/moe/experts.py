@@ -50,11 +50,18 @@ def _tokamax_ragged_dot():
 
 def ragged_dot_impl(impl: str):
     """The grouped matmul for ``impl``: ``'tokamax'`` (raises when not installed), ``'ragged'``
-    (``jax.lax.ragged_dot``) or ``'auto'`` (tokamax on a GPU when installed, else lax)."""
+    (``jax.lax.ragged_dot``) or ``'auto'`` (tokamax on a GPU when installed, else lax). tokamax
+    picks its kernel (Mosaic GPU on Hopper); shapes its kernels refuse (``NotImplementedError``
+    at trace time) go to ``jax.lax.ragged_dot``."""
     if impl in ("tokamax", "auto"):
         fn = _tokamax_ragged_dot() if (impl == "tokamax" or jax.default_backend() == "gpu") else None
         if fn is not None:
-            return fn
+            def dot(lhs, rhs, group_sizes, preferred_element_type=None):
+                try:
+                    return fn(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+                except NotImplementedError:
+                    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+            return dot
         if impl == "tokamax":
             raise ValueError("MoEConfig.expert_impl='tokamax' needs the tokamax package (pip install tokamax)")
     return jax.lax.ragged_dot

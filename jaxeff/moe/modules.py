@@ -10,7 +10,8 @@ on the hidden state after the pre-FFN RMSNorm, and registers its kind with
   are per layer (Switch / ST-MoE);
 * metrics, averaged over the layers: ``moe/tls``, ``moe/cls8`` (of every kind), the raw losses
   (``moe/cs_loss``, which BlockFFN's adaptive coefficient follows; ``moe/remoe_sparsity``, which
-  ReMoE's does), ``moe/dropped`` (capacity top-k).
+  ReMoE's does), ``moe/dropped`` (capacity top-k); under ``batch_context(record=True)`` also the
+  dense activations ``moe/act/<layer>`` ``[B, T, E]`` (top-k: its gates scattered over the experts).
 
 The coefficients the train step adapts come from :func:`jaxeff.moe.context.coefficient`, and the
 packed documents from :func:`jaxeff.moe.context.segment_ids`. With a mesh whose ``expert`` axis
@@ -88,7 +89,10 @@ class _MoEFFN(nnx.Module):
 
     def _metrics(self, a_BxTxE, valid_BxT) -> dict:
         a = jax.lax.stop_gradient(a_BxTxE)
-        return {"moe/tls": metrics.tls(a, valid_BxT), "moe/cls8": metrics.cls(a, 8, valid_BxT)}
+        out = {"moe/tls": metrics.tls(a, valid_BxT), "moe/cls8": metrics.cls(a, 8, valid_BxT)}
+        if context.recording():
+            out[f"moe/act/{self.layer_index}"] = a.astype(jnp.float32)
+        return out
 
 
 class BlockFFN(_MoEFFN):

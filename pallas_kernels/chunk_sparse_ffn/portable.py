@@ -14,8 +14,6 @@ On CPU run with ``interpret=True``; on GPU the same code lowers through Pallas' 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl

@@ -16,9 +16,8 @@ N, D, E, F, K = 12, 8, 6, 5, 2
 @pytest.fixture
 def weights():
     rng = np.random.default_rng(0)
-    return (jnp.asarray(rng.normal(size=(N, D)), jnp.float32), jnp.asarray(rng.normal(size=(E, D, F)) * 0.3, jnp.float32),
-            jnp.asarray(rng.normal(size=(E, F, D)) * 0.3, jnp.float32), jnp.asarray(rng.normal(size=(E, D, F)) * 0.3,
-                                                                                   jnp.float32))
+    f32 = lambda *shape, s=1.0: jnp.asarray(rng.normal(size=shape) * s, jnp.float32)  # noqa: E731
+    return f32(N, D), f32(E, D, F, s=0.3), f32(E, F, D, s=0.3), f32(E, D, F, s=0.3)
 
 
 def np_experts(x, a, w_up, w_down, w_gate=None):
@@ -49,8 +48,8 @@ def test_ragged_equals_dense_in_values_and_gradients(weights):
     gates, chosen, _ = routers.topk_route(logits, K)
     dense = lambda x, u, d, g: experts.dense_experts(x, routers.gates_to_dense(g, chosen, E), u, d)  # noqa: E731
     ragged = lambda x, u, d, g: experts.ragged_experts(x, g, chosen, u, d)  # noqa: E731
-    np.testing.assert_allclose(np.asarray(ragged(x, w_up, w_down, gates)),
-                               np_experts(x, routers.gates_to_dense(gates, chosen, E), w_up, w_down), rtol=1e-4, atol=1e-5)
+    want = np_experts(x, routers.gates_to_dense(gates, chosen, E), w_up, w_down)
+    np.testing.assert_allclose(np.asarray(ragged(x, w_up, w_down, gates)), want, rtol=1e-4, atol=1e-5)
     loss = lambda f: lambda *a: jnp.sum(jnp.tanh(f(*a)))  # noqa: E731
     gd = jax.grad(loss(dense), argnums=(0, 1, 2, 3))(x, w_up, w_down, gates)
     gr = jax.grad(loss(ragged), argnums=(0, 1, 2, 3))(x, w_up, w_down, gates)

@@ -4,6 +4,7 @@ the batch context (packed documents reach the locality loss), the chunk-sparse k
 BlockFFN's inference path, FLOP counts of active parameters, and clear errors for bad settings."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,7 @@ def test_flops_count_active_parameters():
 
 @pytest.mark.parametrize("kind, extra", [
     ("blockffn", ()), ("topk", ()), ("topk", ("moe.capacity_factor=1.5",)), ("remoe", ())])
+@pytest.mark.slow
 def test_each_kind_trains_and_its_loss_falls(train_cfg, kind, extra):
     cfg = train_cfg(f"moe.kind={kind}", "moe.n_experts=4", "moe.expert_dim=16", "model.n_layers=2",
                     "moe.dense_layers=0", "train.steps=8", *extra)
@@ -93,10 +95,10 @@ def test_each_kind_trains_and_its_loss_falls(train_cfg, kind, extra):
 
 
 def cfg_dir(cfg):
-    from pathlib import Path
     return Path(cfg.resolved_run_dir)
 
 
+@pytest.mark.slow
 def test_blockffn_inside_a_mixture_of_recursions_model_trains(train_cfg):
     cfg = train_cfg("moe.kind=blockffn", "moe.n_experts=4", "moe.expert_dim=16", "model.n_layers=3",
                     "recursion.strategy=middle_cycle", "recursion.n_recursions=1", "recursion.routing=expert",
@@ -120,8 +122,8 @@ def test_the_batch_context_brings_packed_documents_to_the_losses():
         _, other = ffn(x[:, :4])  # another length (a gathered subset): no segment ids
     a0 = jnp.einsum("btd,de->bte", x, ffn.w_router[...])
     n_layers = 3
-    assert float(packed["moe/al_loss"]) == pytest.approx(float(losses.activation_locality_loss(a0, segment_ids_BxT=seg)),
-                                                         rel=1e-5)
+    want = float(losses.activation_locality_loss(a0, segment_ids_BxT=seg))
+    assert float(packed["moe/al_loss"]) == pytest.approx(want, rel=1e-5)
     assert float(plain["moe/al_loss"]) == pytest.approx(float(losses.activation_locality_loss(a0)), rel=1e-5)
     assert float(packed["loss/moe_cs"]) == pytest.approx(0.5 * float(packed["moe/cs_loss"]) / n_layers, rel=1e-5)
     assert float(plain["loss/moe_cs"]) == pytest.approx(5e-2 * float(plain["moe/cs_loss"]) / n_layers, rel=1e-5)

@@ -34,8 +34,7 @@ def _check(loss, args, mesh, atol=2e-5):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=1e-4)
 
 
-@pytest.mark.parametrize("layout", [dict(data=2, expert=4), dict(data=1, expert=8)])
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("layout, gated", [(dict(data=2, expert=4), False), (dict(data=1, expert=8), True)])
 def test_relu_router_experts(inputs, layout, gated):
     x, w_up, w_down, w_gate, w_r = inputs
 
@@ -113,6 +112,7 @@ def test_n_experts_must_divide_over_the_expert_axis(inputs, train_cfg):
         train(cfg, verbose=False)
 
 
+@pytest.mark.slow
 def test_training_with_expert_parallelism_matches_one_device(train_cfg, tmp_path):
     base = ("moe.kind=topk", "moe.n_experts=4", "moe.expert_dim=16", "train.steps=3")
     one = train(train_cfg(*base, "mesh.data=8", run_dir=tmp_path / "dp"), verbose=False)

@@ -96,6 +96,7 @@ def _records(run_dir):
     return recs
 
 
+@pytest.mark.slow
 def test_scheduler_state_survives_checkpoint_and_resume(run_config, tmp_path):
     once = tmp_path / "once"
     full = train(run_config(once, *MOE_RUN, "train.steps=6"), verbose=False)

@@ -7,7 +7,7 @@ import numpy as np
 
 from pallas_kernels.chunk_sparse_ffn import api, common, portable
 
-from .test_base import ChunkTestBase, make_inputs, CASES
+from .test_base import CASES, ChunkTestBase, make_inputs
 
 
 class TestPortable(ChunkTestBase):
