@@ -8,8 +8,10 @@ step), FLOPs per token from :func:`jaxeff.train.flops.model_flops_per_token`.
 For every variant it records parameters, FLOPs, tokens, validation NLL (the paper's top-k
 evaluation and the causal threshold evaluation that decoding uses), router sampling accuracy
 (threshold decisions against the top-k choice), dead-token ratio, step time, and the KV-cache
-footprint of recursion-wise caching and of KV sharing. Writes ``results.json`` and
-``nll_vs_flops.png`` into ``--out``.
+footprint of recursion-wise caching and of KV sharing; and the bytes each decoding cache strategy
+allocates (``kv_bytes``: vanilla, recursion-wise at full size and by capacity with
+``recursion.kv_slack`` 1.0 / 1.25, shared), from the cache arrays themselves. Writes
+``results.json`` and ``nll_vs_flops.png`` into ``--out``.
 
     python experiments/mor/run.py --mode quick   # CPU, a few minutes (CI runs this)
     python experiments/mor/run.py --mode full    # one GPU
@@ -134,6 +136,34 @@ def kv_footprint(cfg: Config, graphdef, params, tokens_BxT: np.ndarray) -> dict:
     return out
 
 
+def allocated_kv_bytes(model_cfg: ModelConfig, capacity: int, n_recursions=(2, 3), batch: int = 1) -> dict:
+    """Bytes of the decoding caches each strategy allocates for ``batch`` sequences of ``capacity``
+    tokens (``KVCache.nbytes`` for vanilla; ``RecursiveCache.nbytes()`` / ``shared_nbytes()`` for
+    middle_cycle MoR expert-choice with the default capacities): every slot, written or not."""
+    from jaxeff import RecursiveTransformer, Transformer
+
+    abstract = lambda make: nnx.eval_shape(lambda: make(nnx.Rngs(0)))  # shapes only, no weights
+    vanilla = abstract(lambda rngs: Transformer(model_cfg, rngs=rngs)).init_cache(batch, capacity)
+    per_layer = (vanilla.nbytes() - vanilla.lengths.size * 4) / model_cfg.n_layers
+    out = {"capacity": capacity, "batch": batch, "dtype": model_cfg.dtype,
+           "vanilla": {"bytes": vanilla.nbytes(), "fraction_of_vanilla": 1.0}}
+    strategies = {"recursion-wise, full": dict(kv_strategy="recursion"),
+                  "recursion-wise, kv_slack=1.0": dict(kv_strategy="recursion", kv_slack=1.0),
+                  "recursion-wise, kv_slack=1.25": dict(kv_strategy="recursion", kv_slack=1.25),
+                  "shared": dict(kv_strategy="share")}
+    for nr in n_recursions:
+        for name, kw in strategies.items():
+            rc = RecursionConfig(strategy="middle_cycle", n_recursions=nr, routing="expert", **kw)
+            model = abstract(lambda rngs, rc=rc: RecursiveTransformer(model_cfg, rc, rngs=rngs))
+            cache = model.init_cache(batch, capacity)
+            blocks = per_layer * (model_cfg.n_layers - 2)  # the recursion blocks' share of a vanilla cache
+            out[f"N_r={nr}, {name}"] = {"bytes": cache.nbytes(), "shared_bytes": cache.shared_nbytes(),
+                                        "fraction_of_vanilla": cache.nbytes() / vanilla.nbytes(),
+                                        "shared_fraction_of_recursion_blocks": cache.shared_nbytes() / blocks,
+                                        "stored_capacities": list(model.stored_capacities(capacity))}
+    return out
+
+
 def run_variant(mode: str, name: str, out: str, overrides: list[str], verbose: bool) -> dict:
     cfg, budget = variant_config(mode, name, out, overrides)
     print(f"[mor] {name}: {cfg.train.steps} steps, {model_flops_per_token(cfg) / 1e6:.2f} MFLOP/token", flush=True)
@@ -225,10 +255,12 @@ def main(argv=None) -> int:
     saved = json.load(open(path)) if os.path.exists(path) and not a.fresh else {"variants": {}}
     results = saved["variants"]
     tok_dir = os.path.join(out, "runs", "_tokenizer")
+    trained = False
     for name in names:
         if name in results and not a.fresh:
             print(f"[mor] {name}: kept from {path}")
             continue
+        trained = True
         run_dir = os.path.join(out, "runs", name)
         shutil.rmtree(run_dir, ignore_errors=True)
         if os.path.isdir(tok_dir):  # one tokenizer for all variants: same data, and no re-training
@@ -245,12 +277,20 @@ def main(argv=None) -> int:
         with open(path + ".tmp", "w") as f:
             json.dump(report, f, indent=1)
         os.replace(path + ".tmp", path)
-    report = json.load(open(path))
+    report = json.load(open(path)) if os.path.exists(path) else {"mode": a.mode, "variants": {}, "claims": []}
+    report["kv_bytes"] = allocated_kv_bytes(SETTINGS[a.mode]["model"], SETTINGS[a.mode]["seq_len"])
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+    for name, b in report["kv_bytes"].items():
+        if isinstance(b, dict):
+            print(f"[kv bytes] {name}: {b['bytes']:,} ({b['fraction_of_vanilla']:.3f} of vanilla)")
     for c in report["claims"]:
         print(f"[claim] {'HOLDS' if c['holds'] else 'DOES NOT HOLD'}: {c['claim']}: "
               + ", ".join(f"{v:.4f}" for v in c["values"]))
-    plot(results, os.path.join(out, "nll_vs_flops.png"),
-         f"MoR vs recursive vs vanilla at equal FLOPs ({a.mode} mode, {report['device']})")
+    png = os.path.join(out, "nll_vs_flops.png")
+    if trained or not os.path.exists(png):
+        plot(results, png, f"MoR vs recursive vs vanilla at equal FLOPs ({a.mode} mode, {report.get('device')})")
     print(f"[mor] wrote {path} and nll_vs_flops.png")
     return 0
 
