@@ -62,6 +62,7 @@ def _env(n_devices: int) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_two_processes_train_together(corpus_glob, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)

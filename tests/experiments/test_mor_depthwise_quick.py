@@ -22,6 +22,7 @@ def _load(name: str):
     return mod
 
 
+@pytest.mark.slow
 def test_bench_quick_mode_end_to_end(tmp_path):
     bench = _load("depthwise_bench")
     assert bench.main(["--mode", "quick", "--out", str(tmp_path)]) == 0

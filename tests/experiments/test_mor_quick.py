@@ -16,6 +16,7 @@ def _load():
     return mod
 
 
+@pytest.mark.slow
 def test_quick_mode_end_to_end(tmp_path):
     run = _load()
     assert run.main(["--mode", "quick", "--out", str(tmp_path), "--fresh"]) == 0

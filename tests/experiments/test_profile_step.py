@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -41,6 +43,7 @@ def test_pick_op_line_prefers_xla_ops_then_the_busiest_stream():
     assert mod.pick_op_line({"/device:GPU:0 | XLA Modules": {"jit_step": 1.0}}) is None
 
 
+@pytest.mark.slow
 def test_profile_step_runs_on_cpu(tmp_path):
     mod = _load()
     assert mod.main(["--preset", "tiny", "--set", "model.n_layers=1", "--set", "train.batch_size=2",

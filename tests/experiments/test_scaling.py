@@ -28,6 +28,7 @@ def test_parse_layout():
         mod.parse_layout("four")
 
 
+@pytest.mark.slow
 def test_layouts_match_one_device_loss_curves(tmp_path):
     mod = _load("scaling")
     out = tmp_path / "scaling.json"

@@ -43,6 +43,7 @@ def check_report(out, mode):
     return report
 
 
+@pytest.mark.slow
 def test_quick_mode_smoke_end_to_end(tmp_path):
     run = _load()
     assert run.main(["--mode", "quick", "--smoke", "--out", str(tmp_path), "--quiet"]) == 0

@@ -4,9 +4,12 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_step_breakdown_tiny(tmp_path):
     spec = importlib.util.spec_from_file_location("step_breakdown", os.path.join(ROOT, "experiments",
                                                                                  "step_breakdown.py"))

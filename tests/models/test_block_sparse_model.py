@@ -78,6 +78,7 @@ def test_mor_with_block_sparse_matches_dense_reference():
     np.testing.assert_allclose(got[valid], want[valid], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_local_window_decodes_like_its_forward():
     cfg = ModelConfig(**BASE, mask="local:4", attention_impl="block_sparse")
     model = Transformer(cfg, rngs=nnx.Rngs(5))

@@ -124,12 +124,12 @@ def test_param_count(strategy, n_layers, n_r, tie):
     cfg = _cfg(n_layers, tie_embeddings=tie)
     d, v = cfg.d_model, cfg.vocab_size
     non_layer = v * d + d + (0 if tie else d * v)
-    per_layer = count_params(Config(model=ModelConfig(**{**BASE, "n_layers": 1, "tie_embeddings": tie}))) - non_layer
+    per_layer = count_params(Config(model=ModelConfig(**{**BASE, "n_layers": 1, "tie_embeddings": tie}), train=TrainConfig(seq_len=64))) - non_layer
     n_blocks = 2 + (n_layers - 2) // n_r if strategy.startswith("middle_") else n_layers // n_r
     rc = RecursionConfig(strategy=strategy, n_recursions=n_r)
     assert _count(lambda: RecursiveTransformer(cfg, rc, rngs=nnx.Rngs(0))) == non_layer + n_blocks * per_layer
     if n_r == 1 and not strategy.startswith("middle_"):
-        assert non_layer + n_blocks * per_layer == count_params(Config(model=cfg))  # no sharing: the dense model
+        assert non_layer + n_blocks * per_layer == count_params(Config(model=cfg, train=TrainConfig(seq_len=64)))  # no sharing: the dense model
 
 
 @pytest.mark.parametrize("rc, extra", [

@@ -210,6 +210,7 @@ def test_mismatched_configs_are_named(vanilla_overrides, field):
         convert_from_vanilla(vanilla, _template(cfg, rcfg), cfg, rcfg)
 
 
+@pytest.mark.slow
 def test_convert_run_from_a_dense_checkpoint(tmp_path):
     """A trained dense run's checkpoint converts; with N_r = 1 it computes the same logits."""
     from jaxeff.config import get_preset

@@ -69,6 +69,7 @@ def test_phases_follow_the_stepped_cosine(run_config, tmp_path):
     assert all(capacities_at(off, s) == off.resolved_capacities for s in (0, 3, 100))
 
 
+@pytest.mark.slow
 def test_warmup_selects_fewer_tokens_phase_by_phase(reference):
     recs, rcfg, t = reference["records"], reference["cfg"].recursion, reference["cfg"].train.seq_len
     assert sorted(recs) == list(range(1, STEPS + 1))
@@ -93,6 +94,7 @@ def test_one_compiled_step_per_phase_and_target_graphdef(reference):
     assert np.isfinite(summary["val_loss"])
 
 
+@pytest.mark.slow
 def test_resume_mid_warmup_reproduces_the_run(run_config, tmp_path, reference, count_step_fns):
     run_dir = tmp_path / "run"
     first = train(run_config(run_dir, *MOR, *WARMUP, "train.steps=5"), verbose=False)

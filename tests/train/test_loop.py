@@ -128,6 +128,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_during_save_resumes_from_last_complete_checkpoint(run_config, tmp_path, reference):
     run_dir = tmp_path / "run"
     cfg = run_config(run_dir, *REF_OVERRIDES)
@@ -228,6 +229,7 @@ def test_nonfinite_loss_stops_training_without_checkpointing_it(train_cfg, monke
     assert step == ckpts[-1] and all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_grad_accum_run_matches_plain_run(train_cfg, tmp_path):
     """grad_accum=2 through the whole loop (sharded batch, micro-batch reshape) gives the losses of
     grad_accum=1."""

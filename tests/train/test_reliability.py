@@ -243,6 +243,7 @@ def test_resume_refuses_changed_train_fields_naming_them(ref, tmp_path):
     assert (run_dir / "config.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_recomputes_the_schedule(run_config, tmp_path, monkeypatch):
     """Documented policy: train.steps may grow; the schedule is recomputed over the new total from
     the resumed step on, and config.json is rewritten. Checked exactly: the resumed cosine run

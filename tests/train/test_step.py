@@ -62,6 +62,7 @@ def test_step_loss_is_the_masked_next_token_loss():
     assert abs(float(m_open["loss"]) - float(m["loss"])) > 1e-6
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_single_batch():
     graphdef, params, tx = _setup()
     step1 = jax.jit(make_train_step(graphdef, tx, grad_accum=1))

@@ -181,6 +181,7 @@ class AttentionTestBase:
     lse_grad = True  # whether gradients flow through the returned LSE
     # test_skips_unlisted_blocks: (block_q, block_kv, head_dim, dtype)
     skip_blocks = (16, 32, 32, "float32")
+    slow_cases: tuple[str, ...] = ()  # case names marked ``slow`` (run in the second CI step)
 
     def attend(self, q, k, v, layout, em, *, score_mod=None, return_lse=True):
         return api.block_sparse_attention(q, k, v, layout, em, score_mod=score_mod, impl=self.impl,
@@ -194,7 +195,8 @@ class AttentionTestBase:
 
     def pytest_generate_tests(self, metafunc):  # pytest calls this per test class: one test per case
         if "case" in metafunc.fixturenames:
-            metafunc.parametrize("case", self.cases, ids=[c.name for c in self.cases])
+            params = [pytest.param(c, marks=pytest.mark.slow) if c.name in self.slow_cases else c for c in self.cases]
+            metafunc.parametrize("case", params, ids=[c.name for c in self.cases])
 
     def test_against_reference(self, case: Case):
         rng = _rng(case.name)
