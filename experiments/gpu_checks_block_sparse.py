@@ -245,7 +245,10 @@ def check_case(c):
 def run_checks():
     results, failed = [], False
     print(f"{'case':34s} {'o':>8s} {'lse':>8s} {'dq':>8s} {'dk':>8s} {'dv':>8s}  worst   ok")
+    only = [c for c in arg("--cases", "").split(",") if c]
     for name, seed, b, t, s, h, kh, d, dt, kind, kw in CASES:
+        if only and name not in only:
+            continue
         if INTERPRET:  # shrink: ~3 blocks a side, batch 1, 2 query heads (GQA 2 where the case has GQA)
             t, s, b = min(t, 300), min(s, 330), 1
             h, kh = (2, 1) if h > kh else (2, 2)
