@@ -224,6 +224,10 @@ def torch_part(a) -> dict:
     # again from the same seeds and the dynamic mask is built by the same rule from torch's inputs
     tables = dict(np.load(a.tables)) if os.path.exists(a.tables) else {}
     measured = {(r["case"], r["mask"]) for r in json.load(open(a.jax_json))["rows"]}  # compare like with like
+    # every shape and mask_mod is a recompile; past dynamo's default limit (8) flex_attention falls
+    # back to eager, which materialises the scores (25 ms at S4096, out of memory at S32768)
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 256
     flex = torch.compile(flex_attention, dynamic=False)
 
     def timeit(fn, reps=a.reps, warmup=2):

@@ -16,6 +16,17 @@ import jax.numpy as jnp
 from jaxeff.kv.cache import KVCache, LayerKV
 
 READ_IMPLS = ("xla", "reference", "portable", "mosaic_gpu", "auto")
+# Query rows per key/value head (T x H / K) that the kernels take in one tile: a decode step or a
+# speculative verification. A longer read (the prompt's prefill into a marked cache) goes through
+# the dense attention instead: the Hopper kernel refuses it and the portable one would run a
+# whole prompt as a single block.
+MAX_KERNEL_ROWS = 64
+
+
+def uses_kernel(layer, q_BxTxHxD, n_kv_heads: int) -> bool:
+    """Whether ``cache_attend`` reads ``layer`` for these queries through its decode kernel."""
+    rows = q_BxTxHxD.shape[1] * (q_BxTxHxD.shape[2] // n_kv_heads)
+    return layer.read_impl != "xla" and rows <= MAX_KERNEL_ROWS
 
 
 def with_decode_kernel(cache: KVCache, impl: str = "portable") -> KVCache:

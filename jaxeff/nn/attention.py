@@ -96,8 +96,8 @@ def cache_attend(layer: LayerKV, positions_BxT: jax.Array, impl: str, *, keep_Bx
         mask = new_layer.mask(positions_BxT, pattern=pattern)
         if hasattr(new_layer, "select"):
             mask = new_layer.select(q, k_all, mask)
-        if new_layer.read_impl != "xla" and pattern == "causal" and mask.kv_valid is None:
-            from jaxeff.kv.decode import decode_read
+        from jaxeff.kv.decode import decode_read, uses_kernel
+        if pattern == "causal" and mask.kv_valid is None and uses_kernel(new_layer, q, k_all.shape[2]):
             o = decode_read(new_layer, q, positions_BxT, new_layer.read_impl)
         else:
             o = attention(q, k_all, v_all, mask=mask, impl=position_impl(impl))

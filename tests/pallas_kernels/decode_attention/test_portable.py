@@ -48,3 +48,18 @@ def test_model_decodes_through_the_kernel():
     plain = jax.jit(lambda s: run(s, "xla"))(state)
     kernel = jax.jit(lambda s: run(s, "portable"))(state)
     np.testing.assert_allclose(np.asarray(kernel), np.asarray(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_a_decode_kernel_prefills_a_long_prompt_densely():
+    """A prompt of T x G > 64 query rows per kv head goes through the dense attention (the
+    kernels take one 64-row tile), its decode steps through the kernel: same tokens as XLA."""
+    from jaxeff import ModelConfig, Transformer, generate
+    from jaxeff.kv.decode import MAX_KERNEL_ROWS
+    cfg = ModelConfig(vocab_size=40, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=128,
+                      init_std=0.2, dtype="float16")  # the Hopper kernel: fp16 or bf16, head_dim 64
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    prompt = np.random.default_rng(1).integers(0, 40, (2, 40)).astype(np.int32)
+    assert 40 * 2 > MAX_KERNEL_ROWS
+    plain = generate(model, prompt, 6, temperature=0.0)
+    kernel = generate(model, prompt, 6, temperature=0.0, decode_impl="mosaic_gpu")  # interpret mode on a CPU
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(plain))
