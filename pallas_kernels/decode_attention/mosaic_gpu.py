@@ -206,7 +206,8 @@ def decode_attention(q_BxTxHxD, k_BxKxCxD, v_BxKxCxD, kv_positions_BxKxC, q_posi
     q, qpos = group_rows(q_BxTxHxD, q_positions_BxT, kh, ROWS)
     qpos = jnp.broadcast_to(qpos[:, None, :], (b, kh, ROWS))
     o_part, lse_part = _call(cfg, q, k, v, pos, counts, qpos)
-    o, lse = combine(o_part.astype(jnp.float32), lse_part)
+    r = t * (h // kh)  # the real rows of each 64-row tile: the combine reads only these
+    o, lse = combine(o_part[:, :, :, :r].astype(jnp.float32), lse_part[:, :, :, :r])
     o, lse = ungroup_rows(o, lse, t, h)
     o = o.astype(q_BxTxHxD.dtype)
     return (o, lse) if return_lse else o
