@@ -1,27 +1,40 @@
-"""The chunk-sparse FFN for Hopper (sm90) on Pallas Mosaic GPU.
+"""The chunk-sparse FFN for Hopper (sm90) on Pallas Mosaic GPU, v2: two kernels.
 
-One CTA (one warpgroup) per (chunk, block of ``BLOCK_D`` output columns). The chunk's tokens
-form one 64-row tile (one wgmma M; a chunk of n <= 64 tokens is padded), loaded once by TMA as
-``D / 64`` column tiles. The CTA walks the chunk's union list (``counts[c]`` experts, a dynamic
-trip count; the ids are read from GMEM as scalars) and for each union expert e:
+A chunk's tokens form one 64-row tile (one wgmma M; a chunk of n <= 64 tokens is padded with
+zero rows). The union list of chunk c names ``counts[c]`` experts in ``ids[c]`` (see
+``common.union_lists``); experts outside the union are never read.
 
-1. ``h = x W_up_e`` as ``D / 64`` SMEM x SMEM wgmmas, ``W_up_e`` streamed through SMEM in
-   ``[64, F]`` tiles by TMA (one barrier per load),
-2. ``h = silu(h) * a[:, e]`` in registers (the tokens' activations of e come pre-gathered in
-   union order, ``[C, E, 64]``, one TMA per expert),
-3. ``acc += h W_down_e[:, block]``: a wgmma with h in registers and the ``[F, BLOCK_D]`` tile of
-   ``W_down_e`` in SMEM.
+* Kernel A (up), grid ``(C, E)`` ["chunk", "slot"], one warpgroup per CTA. CTA ``(c, j)`` exits
+  at once when ``j >= counts[c]``; else, with ``e = ids[c, j]``, it computes
+  ``h = x_c W_up_e`` ([64, F]) as a K loop over D in tiles of ``TILE_K`` = 64: the ``[64, 64]``
+  tile of x and the ``[64, F]`` tile of ``W_up_e`` are streamed by TMA through an
+  ``UP_STAGES``-slot ring (one barrier per slot; the load of step ``k + stages - 1`` is issued
+  right after the wgmma of step ``k - 1`` is known done), SMEM x SMEM wgmmas accumulate
+  asynchronously into one accumulator (``wgmma_wait(1)``: the wgmma of step k runs while the
+  loads of later steps land). Then ``h = silu(h) * a[c, :, e]`` (the activations pre-gathered in
+  union order, ``[C, E, 64]`` float32) and ``H[c, j]`` ([C, E, 64, F] in x's dtype) is written
+  through SMEM by TMA.
+* Kernel B (down), grid ``(C, D / block_d)`` ["chunk", "dblock"] with ``block_d`` the largest of
+  ``BLOCK_D``, 128, 64 that divides D: ``acc[64, block_d] = sum_{j < counts[c]} H[c, j] @
+  W_down[ids[c, j]][:, block]``, both operands streamed by TMA through a ``DOWN_STAGES``-slot
+  ring (one barrier per slot, two copies each), SMEM x SMEM wgmmas as in kernel A; the block is
+  stored in x's dtype by TMA. ``counts[c] == 0`` gives y = 0 (no step runs).
 
-Experts outside the union are never read. The output block goes back through SMEM by TMA. This
-first version loads synchronously (no ring, no warp specialisation) and recomputes the up
-projection once per output block; pipelining and speed are for the GPU issue.
+Neither kernel keeps a whole row of x in SMEM, so D is any multiple of 64. SMEM per CTA
+(bf16, D = 2048, F = 128): kernel A ``UP_STAGES * (8 + 16) KiB + 16 KiB + 256 B`` = 88.3 KiB at
+3 stages; kernel B ``DOWN_STAGES * (16 + F * block_d * 2 B) + 64 * block_d * 2 B`` = 160 KiB at
+block_d = 128 and 3 stages (see :func:`smem_bytes`).
 
-Interpret mode (``interpret=True``, ``plgpu.InterpretGPUParams``) runs this kernel program on the
-CPU: TMA copies (tiles, the 1-D activation rows, smem -> gmem), barrier phases over the dynamic
-expert loop and the inner tile loop, scalar reads of the lists, the SMEM x SMEM wgmma of the up
-projection, silu and the scaling. Not simulated, so only checked on a GPU: the register-operand
-wgmma of the down projection (a ``jnp.dot`` in interpret mode), the Mosaic lowering and ptxas
-(layouts, swizzles, registers), asynchrony and speed.
+Interpret mode (``interpret=True``, ``plgpu.InterpretGPUParams``) runs both kernel programs on
+the CPU: the early exit of idle slots, the scalar reads of the union lists, every TMA copy (x,
+weight and H tiles, the activation rows, the smem -> gmem stores), the barrier phases of the
+rings over static (kernel A) and dynamic (kernel B) trip counts, the prologue / steady-state /
+tail issue order of the rings, the SMEM x SMEM wgmmas (all products of both kernels), silu and the
+scaling. Not simulated there, so only checked on a GPU: the asynchrony of wgmma (interpret mode
+runs it synchronously and ignores ``wgmma_wait``, so a ring slot overwritten while a wgmma still
+reads it would not show), TMA asynchrony and races, ptxas (registers, swizzles) and speed. The
+Pallas -> Mosaic GPU lowering itself (layouts, transforms, TMA shapes) is checked on the CPU by
+exporting for CUDA (see the tests).
 """
 
 from __future__ import annotations
@@ -35,107 +48,182 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 ROWS = 64  # one wgmma M: the tokens of a chunk
-TILE_K = 64  # columns of x / rows of W_up per up-projection wgmma
-BLOCK_D = 64  # output columns per CTA
+TILE_K = 64  # D-columns of x / rows of W_up per up-projection step (one 128-byte swizzle row of bf16)
+BLOCK_D = 128  # output columns per CTA of the down kernel (a smaller power of two if D needs it)
+UP_STAGES = 3  # ring depth of kernel A
+DOWN_STAGES = 3  # ring depth of kernel B
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
-MAX_D = 1024  # x stays in SMEM as D / 64 tiles of [64, 64]
 EXPERT_DIMS = (64, 128)
+SMEM_BYTES = 227 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
     chunks: int
+    experts: int
     d: int
     f: int
+    block_d: int
     dtype: jnp.dtype
     interpret: bool
 
 
-def _mm(a, b, shape):
-    """a @ b into a fresh float32 accumulator (wgmma; both operands in SMEM). The caller adds it
-    to its running sum: a fresh accumulator is what interpret mode simulates."""
-    def body(r):
-        plgpu.wgmma(r, a, b)
-        return r[...]
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+def _block_d(d: int) -> int:
+    for b in (BLOCK_D, 128, 64):
+        if d % b == 0:
+            return b
+    raise ValueError(f"D={d} is not a multiple of 64")
 
 
-def _mma_regs(acc, a, b, *, interpret: bool):
-    """acc + a @ b with ``a`` in registers (interpret mode does not simulate that wgmma)."""
-    if interpret:
-        return acc + jnp.dot(a, b[...], preferred_element_type=jnp.float32)
-
-    def body(r):
-        plgpu.wgmma(r, a, b)
-    return pl.run_state(body)(plgpu.ACC.init(acc))
+def smem_bytes(d: int, f: int, itemsize: int = 2) -> tuple[int, int]:
+    """SMEM per CTA of (kernel A, kernel B), barriers excluded (8 B each)."""
+    bd = _block_d(d)
+    up = UP_STAGES * (ROWS * TILE_K + TILE_K * f) * itemsize + ROWS * f * itemsize + ROWS * 4
+    down = DOWN_STAGES * (ROWS * f + f * bd) * itemsize + ROWS * bd * itemsize
+    return up, down
 
 
-def _call(cfg: _Cfg, x_tiles, a_union, w_up, w_down, ids, counts):
+def _transforms():
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _ring(n, stages, load, compute):
+    """Software-pipelined loop over ``n`` steps (``n`` static or dynamic; ``stages >= 2``): ``load(step, slot)``
+    issues the TMA copies of a step into a ring slot (arriving on that slot's barrier),
+    ``compute(step, slot)`` waits on the slot's barrier and issues the step's wgmma. The first
+    ``stages - 1`` loads go out before the loop; step k's wgmma is issued, then ``wgmma_wait(1)``
+    retires step k - 1's, whose slot then takes the load of step ``k + stages - 1``."""
+    for s in range(stages - 1):
+        @pl.when(s < n)
+        def _():
+            load(jnp.int32(s), s)
+
+    def step(k, carry):
+        slot = lax.rem(k, jnp.int32(stages))
+        compute(k, slot)
+        plgpu.wgmma_wait(1)  # step k - 1's wgmma is done: its slot may be refilled
+        nxt = k + (stages - 1)
+
+        @pl.when(nxt < n)
+        def _():
+            load(nxt, lax.rem(nxt, jnp.int32(stages)))
+        return carry
+
+    lax.fori_loop(0, n, step, None)
+    plgpu.wgmma_wait(0)
+
+
+def _up_call(cfg: _Cfg, x, a_union, w_up, ids, counts):
     d, f, dtype = cfg.d, cfg.f, cfg.dtype
     n_k = d // TILE_K
-    tiling = plgpu.TilingTransform((8, 64))
-    swizzle = plgpu.SwizzleTransform(128)
+    stages = max(2, min(UP_STAGES, n_k))  # >= 2: the ring issues step 0 before its loop
+    tf = _transforms()
 
-    def kernel(x_ref, a_ref, w_up_ref, w_down_ref, ids_ref, cnt_ref, y_ref):
-        def body(x_smem, wu_smem, wd_smem, a_smem, out_smem, x_bar, wu_bar, wd_bar, a_bar):
-            c = lax.axis_index("chunk")
-            ob = lax.axis_index("dblock")
-            count = cnt_ref[c]
-            for k in range(n_k):  # the chunk's tokens, once
-                plgpu.copy_gmem_to_smem(x_ref.at[c, k], x_smem.at[k], x_bar)
-            plgpu.barrier_wait(x_bar)
+    def kernel(x_ref, a_ref, w_up_ref, ids_ref, cnt_ref, h_ref):
+        c = lax.axis_index("chunk")
+        j = lax.axis_index("slot")
 
-            def expert(j, acc):
-                e = ids_ref[c, j]
+        @pl.when(j < cnt_ref[c])
+        def _():
+            e = ids_ref[c, j]
+
+            def body(x_smem, wu_smem, a_smem, h_smem, bars, a_bar):
                 plgpu.copy_gmem_to_smem(a_ref.at[c, j], a_smem, a_bar)
-                plgpu.copy_gmem_to_smem(w_down_ref.at[e, :, pl.ds(ob * BLOCK_D, BLOCK_D)], wd_smem, wd_bar)
 
-                def up_tile(k, h):
-                    plgpu.copy_gmem_to_smem(w_up_ref.at[e, pl.ds(k * TILE_K, TILE_K)], wu_smem, wu_bar)
-                    plgpu.barrier_wait(wu_bar)
-                    return h + _mm(x_smem.at[k], wu_smem, (ROWS, f))  # waits for the wgmma: the tile may be reused
+                def load(k, slot):
+                    cols = pl.ds(k * TILE_K, TILE_K)
+                    plgpu.copy_gmem_to_smem(x_ref.at[c, :, cols], x_smem.at[slot], bars.at[slot])
+                    plgpu.copy_gmem_to_smem(w_up_ref.at[e, cols], wu_smem.at[slot], bars.at[slot])
 
-                h = plgpu.layout_cast(jnp.full((ROWS, f), 0, jnp.float32), plgpu.Layout.WGMMA)
-                h = lax.fori_loop(0, n_k, up_tile, h)
+                def acc_scope(acc_ref):
+                    def compute(k, slot):
+                        plgpu.barrier_wait(bars.at[slot])
+                        plgpu.wgmma(acc_ref, x_smem.at[slot], wu_smem.at[slot])
+                    _ring(n_k, stages, load, compute)
+                    return acc_ref[...]
+
+                h = pl.run_scoped(acc_scope, plgpu.ACC((ROWS, f), jnp.float32))
                 plgpu.barrier_wait(a_bar)
                 a_row = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
                 h = h / (1.0 + jnp.exp(-h)) * lax.broadcast_in_dim(a_row, h.shape, [0])  # silu(h) * a
-                plgpu.barrier_wait(wd_bar)
-                return _mma_regs(acc, h.astype(dtype), wd_smem, interpret=cfg.interpret)
+                h_smem[...] = h.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(h_smem, h_ref.at[c, j])
+                plgpu.wait_smem_to_gmem(0)
 
-            acc = plgpu.layout_cast(jnp.full((ROWS, BLOCK_D), 0, jnp.float32), plgpu.Layout.WGMMA)
-            acc = lax.fori_loop(0, count, expert, acc)
+            pl.run_scoped(
+                body,
+                plgpu.SMEM((stages, ROWS, TILE_K), dtype, transforms=tf),
+                plgpu.SMEM((stages, TILE_K, f), dtype, transforms=tf),
+                plgpu.SMEM((ROWS,), jnp.float32),
+                plgpu.SMEM((ROWS, f), dtype, transforms=tf),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                plgpu.Barrier(),
+            )
+
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((cfg.chunks, cfg.experts, ROWS, f), dtype),
+        grid=(cfg.chunks, cfg.experts),
+        grid_names=("chunk", "slot"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
+    )(x, a_union, w_up, ids, counts)
+
+
+def _down_call(cfg: _Cfg, h, w_down, ids, counts):
+    d, f, bd, dtype = cfg.d, cfg.f, cfg.block_d, cfg.dtype
+    stages = max(2, DOWN_STAGES)
+    tf = _transforms()
+
+    def kernel(h_ref, w_down_ref, ids_ref, cnt_ref, y_ref):
+        c = lax.axis_index("chunk")
+        ob = lax.axis_index("dblock")
+        cols = pl.ds(ob * bd, bd)
+
+        def body(h_smem, wd_smem, out_smem, bars):
+            count = cnt_ref[c]
+
+            def load(j, slot):
+                e = ids_ref[c, j]
+                plgpu.copy_gmem_to_smem(h_ref.at[c, j], h_smem.at[slot], bars.at[slot])
+                plgpu.copy_gmem_to_smem(w_down_ref.at[e, :, cols], wd_smem.at[slot], bars.at[slot])
+
+            def acc_scope(acc_ref):
+                def compute(j, slot):
+                    plgpu.barrier_wait(bars.at[slot])
+                    plgpu.wgmma(acc_ref, h_smem.at[slot], wd_smem.at[slot])
+                _ring(count, stages, load, compute)
+                return acc_ref[...]
+
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((ROWS, bd), jnp.float32))
             out_smem[...] = acc.astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem, y_ref.at[c, :, pl.ds(ob * BLOCK_D, BLOCK_D)])
+            plgpu.copy_smem_to_gmem(out_smem, y_ref.at[c, :, cols])
             plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(
             body,
-            plgpu.SMEM((n_k, ROWS, TILE_K), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((TILE_K, f), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((f, BLOCK_D), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((ROWS,), jnp.float32),
-            plgpu.SMEM((ROWS, BLOCK_D), dtype, transforms=(tiling, swizzle)),
-            plgpu.Barrier(num_arrivals=n_k),
-            plgpu.Barrier(),
-            plgpu.Barrier(),
-            plgpu.Barrier(),
+            plgpu.SMEM((stages, ROWS, f), dtype, transforms=tf),
+            plgpu.SMEM((stages, f, bd), dtype, transforms=tf),
+            plgpu.SMEM((ROWS, bd), dtype, transforms=tf),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         )
 
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((cfg.chunks, ROWS, d), dtype),
-        grid=(cfg.chunks, d // BLOCK_D),
+        grid=(cfg.chunks, d // bd),
         grid_names=("chunk", "dblock"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
-    )(x_tiles, a_union, w_up, w_down, ids, counts)
+    )(h, w_down, ids, counts)
 
 
 def applies(x_CxLxD, w_up_ExDxF, w_down_ExFxD, *, interpret: bool = False) -> tuple[bool, str]:
     """A Hopper GPU (or ``interpret``), x and the weights all bf16 or all fp16, at most 64 tokens
-    per chunk, D a multiple of 64 up to 1024, an expert width F of 64 or 128."""
+    per chunk, D any multiple of 64 (the down kernel's column block is then the largest of
+    ``BLOCK_D``, 128, 64 dividing D), an expert width F of 64 or 128."""
     if not interpret:
         try:
             dev = jax.devices()[0]
@@ -151,10 +239,14 @@ def applies(x_CxLxD, w_up_ExDxF, w_down_ExFxD, *, interpret: bool = False) -> tu
     length, d = x_CxLxD.shape[1:]
     if length > ROWS:
         return False, f"a chunk of {length} tokens exceeds one {ROWS}-row tile"
-    if d % TILE_K or d > MAX_D:
-        return False, f"D must be a multiple of {TILE_K} up to {MAX_D}, got {d}"
-    if w_up_ExDxF.shape[-1] not in EXPERT_DIMS:
-        return False, f"the expert width F must be one of {EXPERT_DIMS}, got {w_up_ExDxF.shape[-1]}"
+    if d % TILE_K or d == 0:
+        return False, f"D must be a positive multiple of {TILE_K}, got {d}"
+    f = w_up_ExDxF.shape[-1]
+    if f not in EXPERT_DIMS:
+        return False, f"the expert width F must be one of {EXPERT_DIMS}, got {f}"
+    need = max(smem_bytes(d, f, jnp.dtype(x_CxLxD.dtype).itemsize))
+    if need > SMEM_BYTES:  # not reached with the constants above; a guard for retuning them
+        return False, f"needs {need} bytes of SMEM per CTA, more than {SMEM_BYTES}"
     return True, "ok"
 
 
@@ -164,11 +256,14 @@ def chunk_sparse_ffn(x_CxLxD, a_CxLxE, w_up_ExDxF, w_down_ExFxD, ids_CxE, counts
     if not ok:
         raise ValueError(f"chunk_sparse_ffn (mosaic_gpu): {why}")
     c, length, d = x_CxLxD.shape
-    f = w_up_ExDxF.shape[-1]
-    cfg = _Cfg(chunks=c, d=d, f=f, dtype=jnp.dtype(x_CxLxD.dtype), interpret=bool(interpret))
-    x = jnp.pad(x_CxLxD, ((0, 0), (0, ROWS - length), (0, 0)))
-    x_tiles = jnp.transpose(x.reshape(c, ROWS, d // TILE_K, TILE_K), (0, 2, 1, 3))  # [C, D/64, 64, 64]
+    e, _, f = w_up_ExDxF.shape
+    cfg = _Cfg(chunks=c, experts=e, d=d, f=f, block_d=_block_d(d), dtype=jnp.dtype(x_CxLxD.dtype),
+               interpret=bool(interpret))
+    x = jnp.pad(x_CxLxD, ((0, 0), (0, ROWS - length), (0, 0)))  # [C, 64, D]
     a = jnp.pad(a_CxLxE.astype(jnp.float32), ((0, 0), (0, ROWS - length), (0, 0)))
-    a_union = jnp.take_along_axis(jnp.swapaxes(a, 1, 2), ids_CxE[:, :, None], axis=1)  # [C, E, 64], union order
-    y = _call(cfg, x_tiles, a_union, w_up_ExDxF, w_down_ExFxD, ids_CxE.astype(jnp.int32), counts_C.astype(jnp.int32))
+    ids = ids_CxE.astype(jnp.int32)
+    counts = counts_C.astype(jnp.int32)
+    a_union = jnp.take_along_axis(jnp.swapaxes(a, 1, 2), ids[:, :, None], axis=1)  # [C, E, 64], union order
+    h = _up_call(cfg, x, a_union, w_up_ExDxF, ids, counts)  # [C, E, 64, F]; slots j >= counts[c] unwritten
+    y = _down_call(cfg, h, w_down_ExFxD, ids, counts)
     return y[:, :length]
