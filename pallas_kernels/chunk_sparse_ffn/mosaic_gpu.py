@@ -23,7 +23,8 @@ zero rows). The union list of chunk c names ``counts[c]`` experts in ``ids[c]`` 
 Neither kernel keeps a whole row of x in SMEM, so D is any multiple of 64. SMEM per CTA
 (bf16, D = 2048, F = 128): kernel A ``UP_STAGES * (8 + 16) KiB + 16 KiB + 256 B`` = 88.3 KiB at
 3 stages; kernel B ``DOWN_STAGES * (16 + F * block_d * 2 B) + 64 * block_d * 2 B`` = 160 KiB at
-block_d = 128 and 3 stages (see :func:`smem_bytes`).
+block_d = 128 and 3 stages; at ``BLOCK_D`` = 256 the ring drops to 2 stages, 192 KiB (see
+:func:`smem_bytes`; the limit is 227 KiB).
 
 Interpret mode (``interpret=True``, ``plgpu.InterpretGPUParams``) runs both kernel programs on
 the CPU: the early exit of idle slots, the scalar reads of the union lists, every TMA copy (x,
@@ -51,7 +52,7 @@ ROWS = 64  # one wgmma M: the tokens of a chunk
 TILE_K = 64  # D-columns of x / rows of W_up per up-projection step (one 128-byte swizzle row of bf16)
 BLOCK_D = 128  # output columns per CTA of the down kernel (a smaller power of two if D needs it)
 UP_STAGES = 3  # ring depth of kernel A
-DOWN_STAGES = 3  # ring depth of kernel B
+DOWN_STAGES = 3  # ring depth of kernel B (2 where 3 would not fit in SMEM)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 EXPERT_DIMS = (64, 128)
 SMEM_BYTES = 227 * 1024
@@ -75,12 +76,24 @@ def _block_d(d: int) -> int:
     raise ValueError(f"D={d} is not a multiple of 64")
 
 
+def _down_bytes(stages: int, f: int, bd: int, itemsize: int) -> int:
+    return stages * (ROWS * f + f * bd) * itemsize + ROWS * bd * itemsize
+
+
+def _down_stages(d: int, f: int, itemsize: int = 2) -> int:
+    """``DOWN_STAGES``, fewer (not below 2) where the ring would not fit (e.g. ``BLOCK_D`` = 256)."""
+    bd = _block_d(d)
+    s = max(2, DOWN_STAGES)
+    while s > 2 and _down_bytes(s, f, bd, itemsize) > SMEM_BYTES:
+        s -= 1
+    return s
+
+
 def smem_bytes(d: int, f: int, itemsize: int = 2) -> tuple[int, int]:
     """SMEM per CTA of (kernel A, kernel B), barriers excluded (8 B each)."""
-    bd = _block_d(d)
-    up = UP_STAGES * (ROWS * TILE_K + TILE_K * f) * itemsize + ROWS * f * itemsize + ROWS * 4
-    down = DOWN_STAGES * (ROWS * f + f * bd) * itemsize + ROWS * bd * itemsize
-    return up, down
+    up_stages = max(2, min(UP_STAGES, d // TILE_K))
+    up = up_stages * (ROWS * TILE_K + TILE_K * f) * itemsize + ROWS * f * itemsize + ROWS * 4
+    return up, _down_bytes(_down_stages(d, f, itemsize), f, _block_d(d), itemsize)
 
 
 def _transforms():
@@ -173,7 +186,7 @@ def _up_call(cfg: _Cfg, x, a_union, w_up, ids, counts):
 
 def _down_call(cfg: _Cfg, h, w_down, ids, counts):
     d, f, bd, dtype = cfg.d, cfg.f, cfg.block_d, cfg.dtype
-    stages = max(2, DOWN_STAGES)
+    stages = _down_stages(d, f, jnp.dtype(dtype).itemsize)
     tf = _transforms()
 
     def kernel(h_ref, w_down_ref, ids_ref, cnt_ref, y_ref):

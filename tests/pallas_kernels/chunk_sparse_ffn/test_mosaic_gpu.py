@@ -69,8 +69,9 @@ def test_ragged_union():
     assert not y[0].any()
 
 
-@pytest.mark.parametrize("d,f", [(256, 64), (256, 128), (2048, 128)])
-def test_lowers_for_cuda(d, f, monkeypatch):
+@pytest.mark.parametrize("d,f,block_d", [(256, 64, 128), (256, 128, 128), (2048, 128, 128), (2048, 128, 256)])
+def test_lowers_for_cuda(d, f, block_d, monkeypatch):
+    monkeypatch.setattr(mosaic_gpu, "BLOCK_D", block_d)
     real = mosaic_gpu.applies
     monkeypatch.setattr(mosaic_gpu, "applies", lambda *a, **kw: real(*a, **{**kw, "interpret": True}))
     x = jnp.zeros((3, 4, d), jnp.bfloat16)
@@ -85,6 +86,7 @@ def test_lowers_for_cuda(d, f, monkeypatch):
 def test_smem_budget():
     up, down = mosaic_gpu.smem_bytes(2048, 128)
     assert up < mosaic_gpu.SMEM_BYTES and down < mosaic_gpu.SMEM_BYTES
+    assert (up, down) == (90368, 163840)  # 3 stages each at BLOCK_D = 128
 
 
 def test_applies_reasons():
