@@ -20,6 +20,10 @@ zero rows). The union list of chunk c names ``counts[c]`` experts in ``ids[c]`` 
   ring (one barrier per slot, two copies each), SMEM x SMEM wgmmas as in kernel A; the block is
   stored in x's dtype by TMA. ``counts[c] == 0`` gives y = 0 (no step runs).
 
+The last grid axis is the fastest (Pallas maps it to blockIdx.x), so the union slots of one chunk
+run together and share x_c in L2, and so do the column blocks of one chunk with H[c]. Each union
+expert's up projection is computed once per chunk (v1 recomputed it per output block).
+
 Neither kernel keeps a whole row of x in SMEM, so D is any multiple of 64. SMEM per CTA
 (bf16, D = 2048, F = 128): kernel A ``UP_STAGES * (8 + 16) KiB + 16 KiB + 256 B`` = 88.3 KiB at
 3 stages; kernel B ``DOWN_STAGES * (16 + F * block_d * 2 B) + 64 * block_d * 2 B`` = 160 KiB at
