@@ -74,6 +74,7 @@ def jax_part(a) -> dict:
     import jax.numpy as jnp
 
     import jaxeff.sparse as sp
+    from op_profile import print_profile, profile_ops
 
     dev = jax.devices()[0]
     print(f"[jax] {dev.device_kind}, jax {jax.__version__}", flush=True)
@@ -165,6 +166,12 @@ def jax_part(a) -> dict:
                         bm_t = sp.create_block_mask(m, bh[0], None, s, s, block_q=BLOCK, block_kv=BLOCK)
                         return sp.block_sparse_attention(q, k, v, bm_t, impl=a.impl)
                     extra["traced_mask_fwd_ms"] = 1e3 * timeit(jax.jit(traced), q, k, v, seg)
+                    if a.profile:
+                        extra["profile_traced_fwd"] = profile_ops(jax.jit(traced), q, k, v, seg)
+                        print_profile(f"{case} {mask} traced-mask forward", extra["profile_traced_fwd"])
+                if a.profile and mask in ("dense", "random10", "document") and case == shapes(False, True)[0][0]:
+                    extra["profile_fwd"] = profile_ops(fwd, q, k, v, bm)
+                    print_profile(f"{case} {mask} forward", extra["profile_fwd"])
                 record(f"jaxeff {a.impl}", t_f, t_b, **extra)
             except Exception as e:  # noqa: BLE001 - report and go on to the peers
                 print(f"[jax] jaxeff {case} {mask}: {type(e).__name__}: {str(e)[:400]}", flush=True)
@@ -365,8 +372,10 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--impl", default="mosaic_gpu", help="jaxeff's implementation (pallas: a CPU smoke test)")
     p.add_argument("--main-only", action="store_true", help="only the main shape, B2 H16 S16384 D128")
-    p.add_argument("--deadline-s", type=float, default=1e9, help="start no new case after this many seconds")
-    p.add_argument("--tables", default="/tmp/bench_attention_tables.npz")
+    p.add_argument("--profile", action="store_true",
+                   help="trace jaxeff's forward at the main shape (dense, random 10%%, document, traced masks): "
+                        "device ms per op in the JSON")
+XX, default="/tmp/bench_attention_tables.npz")
     p.add_argument("--jax-json", default="/tmp/bench_attention_jax.json")
     p.add_argument("--torch-json", default="/tmp/bench_attention_torch.json")
     p.add_argument("--out", default="bench_attention.json")

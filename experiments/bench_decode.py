@@ -437,6 +437,10 @@ def bench_part(a, run: Run) -> int:
                             e = dict(o_err=float(np.abs(np.asarray(out[0], np.float32)).max()))
                         row.update(verify_err=e["o_err"], verify_ok=bool(e["o_err"] <= TOL["bfloat16"]))
                         failures += not row["verify_ok"]
+                    if a.profile and n == ns[0] and frac in (max(budgets), min(budgets)) and hasattr(fn, "lower"):
+                        from op_profile import print_profile, profile_ops
+                        row["profile"] = profile_ops(fn, qs, ks, vs, pos, qpos, counts)  # one sample: --inner calls
+                        print_profile(f"N={n} {impl} budget={frac:g} ({a.inner} calls)", row["profile"])
                 else:
                     count_sum = b * kh * n
                     row.update(counts_mean=float(n), frac=1.0)
@@ -841,6 +845,9 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="checks,bench", help=f"comma-separated, of {PARTS}")
     p.add_argument("--quick", action="store_true", help="tiny shapes on a CPU (interpret mode), under a minute")
+    p.add_argument("--profile", action="store_true",
+                   help="trace the kernel's sample at the first cache size, largest and smallest budget: device ms "
+                        "per op (the kernel, the combine and the XLA ops around it) in the JSON")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/bench_decode.json, else experiments/results/)")
     p.add_argument("--deadline-s", type=float, default=1e9, help="start no new case after this many seconds")
     p.add_argument("--seed", type=int, default=0)

@@ -422,6 +422,10 @@ def chunk_part(run: Run) -> None:
                     except Exception as ex:  # noqa: BLE001
                         row["rel_err_vs_dense"] = None
                         row["compare_error"] = _err(ex, 200)
+                    if args.profile and chunk_len == 64 and ratio in (min(ratios), 0.125) and sh is shapes[0]:
+                        from op_profile import print_profile, profile_ops
+                        row["profile"] = profile_ops(fn, lay["x"], a, lay["w_up"], lay["w_down"])
+                        print_profile(f"{sh['name']} L{chunk_len} ratio {ratio}", row["profile"])
                     run.add(row)
                     print(f"  {sh['name']:26s} L{chunk_len:<3d} ratio {ratio:6.3f} (got {stats['union_ratio']:.3f}): "
                           f"kernel {kernel_ms:9.3f} ms  dense {row.get('dense_ms', math.nan):8.3f} ms  "
@@ -703,6 +707,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS), help="comma list of checks,chunk,grouped (run in that order)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a CPU smoke test of every code path")
+    p.add_argument("--profile", action="store_true",
+                   help="trace the kernel call of the first sweep shape at chunk 64, the smallest union and 12.5%%: "
+                        "device ms per op (the kernels and the XLA ops around them) in the JSON")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/bench_moe.json, else experiments/results/)")
     p.add_argument("--impl", default="mosaic_gpu", help="chunk_sparse_ffn implementation under test (checks, sweep)")
     p.add_argument("--sweep-impl", default=None,
