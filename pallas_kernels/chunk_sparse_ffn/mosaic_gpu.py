@@ -130,6 +130,19 @@ def _ring(n, stages, load, compute):
     plgpu.wgmma_wait(0)
 
 
+def _ring_matmul(n, stages, load, lhs_smem, rhs_smem, bars, shape):
+    """``sum over the n steps of lhs[slot] @ rhs[slot]`` as a float32 [shape] value: the steps'
+    operands come into the ring slots by ``load(step, slot)`` (both on the slot's barrier) and
+    each step is one SMEM x SMEM wgmma into a scoped accumulator (:func:`_ring`)."""
+    def acc_scope(acc_ref):
+        def compute(k, slot):
+            plgpu.barrier_wait(bars.at[slot])
+            plgpu.wgmma(acc_ref, lhs_smem.at[slot], rhs_smem.at[slot])
+        _ring(n, stages, load, compute)
+        return acc_ref[...]
+    return pl.run_scoped(acc_scope, plgpu.ACC(shape, jnp.float32))
+
+
 def _up_call(cfg: _Cfg, x, a_union, w_up, ids, counts):
     d, f, dtype = cfg.d, cfg.f, cfg.dtype
     n_k = d // TILE_K
@@ -152,14 +165,7 @@ def _up_call(cfg: _Cfg, x, a_union, w_up, ids, counts):
                     plgpu.copy_gmem_to_smem(x_ref.at[c, :, cols], x_smem.at[slot], bars.at[slot])
                     plgpu.copy_gmem_to_smem(w_up_ref.at[e, cols], wu_smem.at[slot], bars.at[slot])
 
-                def acc_scope(acc_ref):
-                    def compute(k, slot):
-                        plgpu.barrier_wait(bars.at[slot])
-                        plgpu.wgmma(acc_ref, x_smem.at[slot], wu_smem.at[slot])
-                    _ring(n_k, stages, load, compute)
-                    return acc_ref[...]
-
-                h = pl.run_scoped(acc_scope, plgpu.ACC((ROWS, f), jnp.float32))
+                h = _ring_matmul(n_k, stages, load, x_smem, wu_smem, bars, (ROWS, f))
                 plgpu.barrier_wait(a_bar)
                 a_row = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
                 h = h / (1.0 + jnp.exp(-h)) * lax.broadcast_in_dim(a_row, h.shape, [0])  # silu(h) * a
@@ -206,14 +212,7 @@ def _down_call(cfg: _Cfg, h, w_down, ids, counts):
                 plgpu.copy_gmem_to_smem(h_ref.at[c, j], h_smem.at[slot], bars.at[slot])
                 plgpu.copy_gmem_to_smem(w_down_ref.at[e, :, cols], wd_smem.at[slot], bars.at[slot])
 
-            def acc_scope(acc_ref):
-                def compute(j, slot):
-                    plgpu.barrier_wait(bars.at[slot])
-                    plgpu.wgmma(acc_ref, h_smem.at[slot], wd_smem.at[slot])
-                _ring(count, stages, load, compute)
-                return acc_ref[...]
-
-            acc = pl.run_scoped(acc_scope, plgpu.ACC((ROWS, bd), jnp.float32))
+            acc = _ring_matmul(count, stages, load, h_smem, wd_smem, bars, (ROWS, bd))
             out_smem[...] = acc.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem, y_ref.at[c, :, cols])
