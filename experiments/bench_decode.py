@@ -86,6 +86,7 @@ T_START = time.perf_counter()  # the deadline counts from here (before jax's imp
 PARTS = ("checks", "bench", "e2e")
 TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-4}
 ANCHOR_H100_32K_US = {"cudnn": 589.0, "xla": 1434.0}  # B8 H32/K8 D128 bf16 N 32768, one token per row
+DEFAULT_STAGES = 2  # pallas_kernels.decode_attention.mosaic_gpu.STAGES as shipped
 
 
 def default_out() -> str:
@@ -420,10 +421,15 @@ def bench_part(a, run: Run) -> int:
                     counts_np = bench_counts(rng, b, kh, n, frac)
                     counts = jnp.asarray(counts_np)
                     pos = jnp.broadcast_to(jnp.where(slots[None, None, :] < counts[:, :, None], slots, -1), (b, kh, n))
+                    # 'mosaic_gpu@3': the Hopper kernel with a 3-slot K/V ring (its STAGES knob, read at trace time)
+                    name, _, stages = impl.partition("@")
+                    if name == "mosaic_gpu":
+                        from pallas_kernels.decode_attention import mosaic_gpu as mg
+                        mg.STAGES = int(stages) if stages else DEFAULT_STAGES
                     if impl not in programs:  # one program per (N, impl): counts and positions are arguments
-                        jit = not (on_cpu() and impl == "mosaic_gpu")
-                        def call(q, k, v, p, qp, c, impl=impl):
-                            return decode_attention(q, k, v, p, qp, c, impl=impl)
+                        jit = not (on_cpu() and name == "mosaic_gpu")
+                        def call(q, k, v, p, qp, c, name=name):
+                            return decode_attention(q, k, v, p, qp, c, impl=name)
                         programs[impl] = inner_program(call, a.inner, jit)
                     fn = programs[impl]
                     tm, out = timeit(fn, qs, ks, vs, pos, qpos, counts, reps=a.reps, warmup=a.warmup, inner=a.inner)
@@ -853,7 +859,7 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-impls", default="mosaic_gpu", help="implementations checked against the reference")
     p.add_argument("--bench-impls", default=None, help="kernel implementations timed (default mosaic_gpu; quick: "
-                                                       "portable)")
+                                                       "portable); 'mosaic_gpu@3': its K/V ring with 3 slots")
     p.add_argument("--peers", default="cudnn,xla", help="full-cache peers: cudnn, xla (cudnn_t2: cuDNN with T = 2)")
     p.add_argument("--ns", default=None, help="cache slots, in order (default 32768,131072,4096)")
     p.add_argument("--budgets", default=None, help="count / N fractions (default 1,0.5,0.25,0.1,0)")

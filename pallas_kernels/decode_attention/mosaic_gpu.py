@@ -38,7 +38,7 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 ROWS = 64  # one wgmma M: all query rows of a group
 BLOCK_C = 64  # slots per K/V block
-STAGES = 2
+STAGES = 2  # K/V ring slots: STAGES - 1 blocks in flight while one is computed (a tuning knob, >= 2)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -51,6 +51,7 @@ class _Cfg:
     dtype: jnp.dtype
     scale: float
     interpret: bool
+    stages: int = 2
 
 
 def _mm(a, b, shape):
@@ -72,7 +73,7 @@ def _mma_regs(acc, a, b, *, interpret: bool):
 
 
 def _call(cfg: _Cfg, q, k, v, pos, counts, qpos):
-    d, bc, dtype = cfg.head_dim, cfg.split.block_c, cfg.dtype
+    d, bc, dtype, stages = cfg.head_dim, cfg.split.block_c, cfg.dtype, cfg.stages
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
 
@@ -92,23 +93,25 @@ def _call(cfg: _Cfg, q, k, v, pos, counts, qpos):
             qp = plgpu.load(qpos_smem, layout=plgpu.Layout.WGMMA.reduce(1))
 
             def fetch(j):
-                slot = lax.rem(j, jnp.int32(STAGES))
+                slot = lax.rem(j, jnp.int32(stages))
                 rows = pl.ds(start + j * bc, bc)
                 plgpu.copy_gmem_to_smem(k_ref.at[b, h, rows], k_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(pos_ref.at[b, h, rows], pos_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, h, rows], v_smem.at[slot], v_bar.at[slot])
 
-            @pl.when(n > 0)
-            def _():
-                fetch(0)
+            for first in range(stages - 1):  # the ring's first stages - 1 blocks in flight
+                @pl.when(first < n)
+                def _():
+                    fetch(jnp.int32(first))
 
             def step(j, carry):
                 acc, m_i, l_i = carry
-                slot = lax.rem(j, jnp.int32(STAGES))
+                slot = lax.rem(j, jnp.int32(stages))
 
-                @pl.when(j + 1 < n)
+                @pl.when(j + stages - 1 < n)
                 def _():
-                    fetch(j + 1)  # the other ring slot was consumed by step j - 1 (its wgmmas waited)
+                    # the slot of block j + stages - 1 was consumed by step j - 1 (its wgmmas waited)
+                    fetch(j + stages - 1)
 
                 plgpu.barrier_wait(k_bar.at[slot])
                 qk = _mm(q_smem, k_smem.at[slot].transpose((1, 0)), (ROWS, bc))
@@ -143,14 +146,14 @@ def _call(cfg: _Cfg, q, k, v, pos, counts, qpos):
         pl.run_scoped(
             body,
             plgpu.SMEM((ROWS, d), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((STAGES, bc, d), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((STAGES, bc, d), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((STAGES, bc), jnp.int32),
+            plgpu.SMEM((stages, bc, d), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bc, d), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bc), jnp.int32),
             plgpu.SMEM((ROWS,), jnp.int32),
             plgpu.SMEM((ROWS,), jnp.float32),
             plgpu.Barrier(num_arrivals=2),
-            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
-            plgpu.Barrier(num_barriers=STAGES),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
         )
 
     ns = cfg.split.n_splits
@@ -200,7 +203,8 @@ def decode_attention(q_BxTxHxD, k_BxKxCxD, v_BxKxCxD, kv_positions_BxKxC, q_posi
     kh, c = k_BxKxCxD.shape[1:3]
     split = Split.make(c, BLOCK_C, n_splits)
     cfg = _Cfg(batch=b, kv_heads=kh, head_dim=d, split=split, dtype=jnp.dtype(q_BxTxHxD.dtype),
-               scale=d ** -0.5 if scale is None else float(scale), interpret=bool(interpret))
+               scale=d ** -0.5 if scale is None else float(scale), interpret=bool(interpret),
+               stages=max(2, int(STAGES)))
     counts = full_counts(counts_BxK, kv_positions_BxKxC)
     k, v, pos = pad_slots(k_BxKxCxD, v_BxKxCxD, kv_positions_BxKxC.astype(jnp.int32), split.padded)
     q, qpos = group_rows(q_BxTxHxD, q_positions_BxT, kh, ROWS)

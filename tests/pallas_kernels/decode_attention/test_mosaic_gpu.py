@@ -24,6 +24,29 @@ class TestMosaicGPU(DecodeTestBase):
                                            n_splits=case.n_splits)
 
 
+def test_a_three_slot_ring_matches_the_reference(monkeypatch):
+    """``STAGES = 3``: two blocks in flight, the ring wrapping several times over a long split
+    (barrier phases), a split shorter than the ring, and an empty head."""
+    from pallas_kernels.decode_attention import reference
+    monkeypatch.setattr(mosaic_gpu, "STAGES", 3)
+    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(kq, (1, 1, 4, 64), jnp.float16)
+    k = jax.random.normal(kk, (1, 2, 700, 64), jnp.float16)
+    v = jax.random.normal(kv, (1, 2, 700, 64), jnp.float16)
+    pos = jnp.broadcast_to(jnp.arange(700, dtype=jnp.int32), (1, 2, 700))
+    qp = jnp.full((1, 1), 700, jnp.int32)
+    for counts, splits in ((jnp.asarray([[700, 90]], jnp.int32), 1), (jnp.asarray([[0, 650]], jnp.int32), 2)):
+        o, lse = mosaic_gpu.decode_attention(q, k, v, pos, qp, counts, return_lse=True, interpret=True,
+                                             n_splits=splits)
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        o_r, lse_r = reference.decode_attention(f32(q), f32(k), f32(v), pos, qp, counts, return_lse=True)
+        err = float(jnp.abs(o.astype(jnp.float32) - o_r).max() / jnp.abs(o_r).max())
+        assert err < 5e-3, (counts, err)
+        fin = jnp.isfinite(lse_r)
+        assert bool((jnp.isfinite(lse) == fin).all())
+        assert float(jnp.abs(jnp.where(fin, lse - lse_r, 0)).max()) < 1e-3
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_lowers_for_cuda(d, monkeypatch):
     real = mosaic_gpu.applies
