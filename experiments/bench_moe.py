@@ -326,7 +326,7 @@ def chunk_part(run: Run) -> None:
     from pallas_kernels.chunk_sparse_ffn.common import chunk_shape
 
     args = run.args
-    impl = args.sweep_impl
+    impls = [v for v in args.sweep_impl.split(",") if v]
     limit = args.deadline_s - (args.grouped_reserve_s if "grouped" in args.parts else 0.0)
     shapes = sweep_shapes(args.quick)
     chunk_lens = (64, 8, 1) if args.quick else CHUNK_ORDER
@@ -336,7 +336,7 @@ def chunk_part(run: Run) -> None:
     if args.ratios:
         ratios = tuple(float(v) for v in args.ratios.split(","))
     dtype = jnp.bfloat16
-    print(f"\n== chunk sweep: impl={impl!r} vs dense FFN, bf16; chunk lengths {chunk_lens}, union ratios {ratios} ==",
+    print(f"\n== chunk sweep: impl(s) {impls} vs dense FFN, bf16; chunk lengths {chunk_lens}, union ratios {ratios} ==",
           flush=True)
     state: dict = {}
 
@@ -361,83 +361,89 @@ def chunk_part(run: Run) -> None:
         h = (jax.nn.silu(h.astype(jnp.float32)) * a_all).astype(x.dtype)
         return jnp.dot(h, w_down_all).reshape(b, t, d)
 
-    for chunk_len in chunk_lens:
-        for sh in shapes:
-            b, t, d, e, f = sh["b"], sh["t"], sh["d"], sh["e"], sh["f"]
-            _, length = chunk_shape(t, chunk_len)
-            base = dict(part="chunk", shape=sh["name"], B=b, T=t, D=d, E=e, F=f, dtype="bfloat16",
-                        chunk_len=chunk_len, impl=impl)
-            if run.past(limit):
-                run.skipped.append(f"chunk: {sh['name']} L{chunk_len} (deadline)")
-                print(f"  deadline ({limit:.0f} s) reached: {sh['name']} L{chunk_len} skipped", flush=True)
-                run.write()
-                continue
-            lay = layer(sh)
-            w_sds = jax.ShapeDtypeStruct((1, length, d), dtype)
-            ok, why = api.applies(impl, w_sds, lay["w_up"], lay["w_down"])
-            group_error = None if ok else f"not applicable: {why}"
-            fn = jax.jit(functools.partial(api.chunk_sparse_ffn, chunk_len=chunk_len, impl=impl))
-            dense_ms = None
-            for ratio in ratios:
+    from pallas_kernels.chunk_sparse_ffn import mosaic_gpu as csf_mgpu
+    for variant in impls:
+        # 'mosaic_gpu@8': the Hopper kernel with UP_GROUPS = 8 (its up kernel's CTAs per chunk; read at trace time)
+        impl, _, groups = variant.partition("@")
+        csf_mgpu.UP_GROUPS = int(groups) if groups else None
+        for chunk_len in chunk_lens:
+            for sh in shapes:
+                b, t, d, e, f = sh["b"], sh["t"], sh["d"], sh["e"], sh["f"]
+                _, length = chunk_shape(t, chunk_len)
+                base = dict(part="chunk", shape=sh["name"], B=b, T=t, D=d, E=e, F=f, dtype="bfloat16",
+                            chunk_len=chunk_len, impl=variant)
                 if run.past(limit):
-                    run.skipped.append(f"chunk: {sh['name']} L{chunk_len} ratio {ratio} (deadline)")
+                    run.skipped.append(f"chunk: {sh['name']} L{chunk_len} (deadline)")
+                    print(f"  deadline ({limit:.0f} s) reached: {sh['name']} L{chunk_len} skipped", flush=True)
                     run.write()
                     continue
-                k_union = max(1, int(round(ratio * e)))
-                rng = np.random.default_rng(int(1e6 * ratio) + 31 * chunk_len + d)
-                n, _ = chunk_shape(t, chunk_len)
-                a_np = make_activations(rng, b, t, e, chunk_len, np.full((b, n), k_union))
-                stats = union_stats(a_np, chunk_len)
-                a = jnp.asarray(a_np)
-                row = dict(base, union_ratio_target=ratio, union_experts=k_union, **stats)
-                try:
-                    if dense_ms is None:  # once per (chunk length, shape): the dense time does not depend on a
-                        t_d, n_d, _ = timeit(dense, lay["x"], a, lay["w_up_all"], lay["w_down_all"], reps=args.reps,
-                                             budget_s=args.case_budget_s)
-                        dense_ms = 1e3 * t_d
-                    row.update(dense_ms=dense_ms,
-                               dense_tflops=4.0 * b * t * d * e * f / (dense_ms / 1e3) / 1e12,
-                               goal_ms=GOAL_FACTOR * stats["union_ratio"] * dense_ms)
-                except Exception as ex:  # noqa: BLE001
-                    row.update(dense_error=_err(ex))
-                if group_error is not None:
-                    row.update(kernel_ms=None, error=group_error)
-                    run.add(row)
-                    print(f"  {sh['name']:26s} L{chunk_len:<3d} ratio {ratio:6.3f}: kernel {group_error}; "
-                          f"dense {dense_ms if dense_ms is None else round(dense_ms, 3)} ms", flush=True)
-                    continue
-                try:
-                    t_k, n_k, first = timeit(fn, lay["x"], a, lay["w_up"], lay["w_down"], reps=args.reps,
-                                             budget_s=args.case_budget_s)
-                    kernel_ms = 1e3 * t_k
-                    row.update(kernel_ms=kernel_ms, reps=n_k, first_call_s=round(first, 3),
-                               kernel_eff_tflops=stats["union_ratio"] * 4.0 * b * t * d * e * f / t_k / 1e12)
-                    if "dense_ms" in row:
-                        row.update(kernel_over_dense=kernel_ms / dense_ms, meets_goal=kernel_ms <= row["goal_ms"],
-                                   excess_ms=kernel_ms - row["goal_ms"])
-                    try:  # the kernel's output against the dense FFN's (both bf16)
-                        yk = fn(lay["x"], a, lay["w_up"], lay["w_down"])
-                        yd = dense(lay["x"], a, lay["w_up_all"], lay["w_down_all"])
-                        row["rel_err_vs_dense"] = _finite(rel_err(yk.astype(jnp.float32), yd.astype(jnp.float32)))
+                lay = layer(sh)
+                w_sds = jax.ShapeDtypeStruct((1, length, d), dtype)
+                ok, why = api.applies(impl, w_sds, lay["w_up"], lay["w_down"])
+                group_error = None if ok else f"not applicable: {why}"
+                fn = jax.jit(functools.partial(api.chunk_sparse_ffn, chunk_len=chunk_len, impl=impl))
+                dense_ms = None
+                for ratio in ratios:
+                    if run.past(limit):
+                        run.skipped.append(f"chunk: {sh['name']} L{chunk_len} ratio {ratio} (deadline)")
+                        run.write()
+                        continue
+                    k_union = max(1, int(round(ratio * e)))
+                    rng = np.random.default_rng(int(1e6 * ratio) + 31 * chunk_len + d)
+                    n, _ = chunk_shape(t, chunk_len)
+                    a_np = make_activations(rng, b, t, e, chunk_len, np.full((b, n), k_union))
+                    stats = union_stats(a_np, chunk_len)
+                    a = jnp.asarray(a_np)
+                    row = dict(base, union_ratio_target=ratio, union_experts=k_union, **stats)
+                    try:
+                        if dense_ms is None:  # once per (chunk length, shape): the dense time does not depend on a
+                            t_d, n_d, _ = timeit(dense, lay["x"], a, lay["w_up_all"], lay["w_down_all"], reps=args.reps,
+                                                 budget_s=args.case_budget_s)
+                            dense_ms = 1e3 * t_d
+                        row.update(dense_ms=dense_ms,
+                                   dense_tflops=4.0 * b * t * d * e * f / (dense_ms / 1e3) / 1e12,
+                                   goal_ms=GOAL_FACTOR * stats["union_ratio"] * dense_ms)
                     except Exception as ex:  # noqa: BLE001
-                        row["rel_err_vs_dense"] = None
-                        row["compare_error"] = _err(ex, 200)
-                    if args.profile and chunk_len == 64 and ratio in (min(ratios), 0.125) and sh is shapes[0]:
-                        from op_profile import print_profile, profile_ops
-                        row["profile"] = profile_ops(fn, lay["x"], a, lay["w_up"], lay["w_down"])
-                        print_profile(f"{sh['name']} L{chunk_len} ratio {ratio}", row["profile"])
-                    run.add(row)
-                    print(f"  {sh['name']:26s} L{chunk_len:<3d} ratio {ratio:6.3f} (got {stats['union_ratio']:.3f}): "
-                          f"kernel {kernel_ms:9.3f} ms  dense {row.get('dense_ms', math.nan):8.3f} ms  "
-                          f"k/d {row.get('kernel_over_dense', math.nan):6.3f}  goal {row.get('goal_ms', math.nan):8.3f}"
-                          f"  err vs dense {_fmt(row['rel_err_vs_dense'], '.1e')}"
-                          f"  ({n_k} reps, first {first:.2f} s)", flush=True)
-                except Exception as ex:  # noqa: BLE001 - a failure repeats for every ratio of the group
-                    group_error = f"failed: {_err(ex)}"
-                    row.update(kernel_ms=None, error=group_error)
-                    run.add(row)
-                    print(f"  {sh['name']:26s} L{chunk_len:<3d} ratio {ratio:6.3f}: kernel {group_error}", flush=True)
-                del a
+                        row.update(dense_error=_err(ex))
+                    if group_error is not None:
+                        row.update(kernel_ms=None, error=group_error)
+                        run.add(row)
+                        print(f"  {sh['name']:26s} L{chunk_len:<3d} ratio {ratio:6.3f}: kernel {group_error}; "
+                              f"dense {dense_ms if dense_ms is None else round(dense_ms, 3)} ms", flush=True)
+                        continue
+                    try:
+                        t_k, n_k, first = timeit(fn, lay["x"], a, lay["w_up"], lay["w_down"], reps=args.reps,
+                                                 budget_s=args.case_budget_s)
+                        kernel_ms = 1e3 * t_k
+                        row.update(kernel_ms=kernel_ms, reps=n_k, first_call_s=round(first, 3),
+                                   kernel_eff_tflops=stats["union_ratio"] * 4.0 * b * t * d * e * f / t_k / 1e12)
+                        if "dense_ms" in row:
+                            row.update(kernel_over_dense=kernel_ms / dense_ms, meets_goal=kernel_ms <= row["goal_ms"],
+                                       excess_ms=kernel_ms - row["goal_ms"])
+                        try:  # the kernel's output against the dense FFN's (both bf16)
+                            yk = fn(lay["x"], a, lay["w_up"], lay["w_down"])
+                            yd = dense(lay["x"], a, lay["w_up_all"], lay["w_down_all"])
+                            row["rel_err_vs_dense"] = _finite(rel_err(yk.astype(jnp.float32), yd.astype(jnp.float32)))
+                        except Exception as ex:  # noqa: BLE001
+                            row["rel_err_vs_dense"] = None
+                            row["compare_error"] = _err(ex, 200)
+                        if args.profile and chunk_len == 64 and ratio in (min(ratios), 0.125) and sh is shapes[0]:
+                            from op_profile import print_profile, profile_ops
+                            row["profile"] = profile_ops(fn, lay["x"], a, lay["w_up"], lay["w_down"])
+                            print_profile(f"{sh['name']} L{chunk_len} ratio {ratio}", row["profile"])
+                        run.add(row)
+                        print(f"  {sh['name']:26s} L{chunk_len:<3d} ratio {ratio:6.3f} (got {stats['union_ratio']:.3f}): "
+                              f"kernel {kernel_ms:9.3f} ms  dense {row.get('dense_ms', math.nan):8.3f} ms  "
+                              f"k/d {row.get('kernel_over_dense', math.nan):6.3f}  goal {row.get('goal_ms', math.nan):8.3f}"
+                              f"  err vs dense {_fmt(row['rel_err_vs_dense'], '.1e')}"
+                              f"  ({n_k} reps, first {first:.2f} s)", flush=True)
+                    except Exception as ex:  # noqa: BLE001 - a failure repeats for every ratio of the group
+                        group_error = f"failed: {_err(ex)}"
+                        row.update(kernel_ms=None, error=group_error)
+                        run.add(row)
+                        print(f"  {sh['name']:26s} L{chunk_len:<3d} ratio {ratio:6.3f}: kernel {group_error}", flush=True)
+                    del a
+    csf_mgpu.UP_GROUPS = None
 
 
 def fit_chunk(rows: list[dict]) -> dict:
@@ -460,12 +466,14 @@ def fit_chunk(rows: list[dict]) -> dict:
         return out
 
     per_len, per_shape_len = {}, {}
-    for length in sorted({r["chunk_len"] for r in ok}, reverse=True):
-        per_len[str(length)] = lsq([r for r in ok if r["chunk_len"] == length])
-        for shape in dict.fromkeys(r["shape"] for r in ok):
-            rs = [r for r in ok if r["chunk_len"] == length and r["shape"] == shape]
-            if rs:
-                per_shape_len[f"{shape} | L{length}"] = lsq(rs)
+    variants = list(dict.fromkeys(r["impl"] for r in ok))
+    for v in variants:
+        tag = f"{v} | " if len(variants) > 1 else ""  # one impl: keys as before ("64", "shape | L64")
+        for length in sorted({r["chunk_len"] for r in ok if r["impl"] == v}, reverse=True):
+            rs_len = [r for r in ok if r["chunk_len"] == length and r["impl"] == v]
+            per_len[f"{tag}{length}"] = lsq(rs_len)
+            for shape in dict.fromkeys(r["shape"] for r in rs_len):
+                per_shape_len[f"{tag}{shape} | L{length}"] = lsq([r for r in rs_len if r["shape"] == shape])
     goal = {id(r): GOAL_FACTOR * r["union_ratio"] * r["dense_ms"] for r in ok}
     return dict(overhead_ms=float(max(r["kernel_ms"] - goal[id(r)] for r in ok)),
                 rows_meeting_goal=int(sum(r["kernel_ms"] <= goal[id(r)] for r in ok)),
@@ -670,7 +678,8 @@ def print_tables(run: Run) -> None:
             for length, v in fit["fit_per_chunk_len"].items():
                 c0 = "-" if v.get("c0_ms") is None else f"{v['c0_ms']:.3f} ms"
                 c1 = "-" if v.get("c1") is None else f"{v['c1']:.3f}"
-                print(f"  L{length}: kernel ~ {c0} + {c1} * ratio * dense  (n={v['n']}, overhead "
+                name = f"L{length}" if "|" not in length else length.replace("| ", "| L")
+                print(f"  {name}: kernel ~ {c0} + {c1} * ratio * dense  (n={v['n']}, overhead "
                       f"{v['overhead_ms']:.3f} ms)")
     grouped = [r for r in rows if r["part"] == "grouped"]
     if grouped:
@@ -713,7 +722,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default $OUT/bench_moe.json, else experiments/results/)")
     p.add_argument("--impl", default="mosaic_gpu", help="chunk_sparse_ffn implementation under test (checks, sweep)")
     p.add_argument("--sweep-impl", default=None,
-                   help="the sweep's implementation (default --impl; 'portable' with --quick on CPU)")
+                   help="the sweep's implementation(s), comma-separated (default --impl; 'portable' with --quick on CPU); "
+                        "'mosaic_gpu@8': the Hopper kernel with 8 up-kernel CTAs per chunk (UP_GROUPS)")
     p.add_argument("--reps", type=int, default=10, help="timed calls per case (median)")
     p.add_argument("--case-budget-s", type=float, default=2.0, help="a slow case takes fewer reps to fit this")
     p.add_argument("--deadline-s", type=float, default=1e9, help="start no new case after this many seconds")

@@ -56,6 +56,10 @@ ROWS = 64  # one wgmma M: the tokens of a chunk
 TILE_K = 64  # D-columns of x / rows of W_up per up-projection step (one 128-byte swizzle row of bf16)
 BLOCK_D = 128  # output columns per CTA of the down kernel (a smaller power of two if D needs it)
 UP_STAGES = 3  # ring depth of kernel A
+# CTAs per chunk of kernel A: None = one per union slot (E; the idle ones exit at once); G < E =
+# G CTAs that each loop over every G-th slot of the chunk's union (no idle CTAs once the union
+# has G experts; a tuning knob, not yet timed on a GPU)
+UP_GROUPS: int | None = None
 DOWN_STAGES = 3  # ring depth of kernel B (2 where 3 would not fit in SMEM)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 EXPERT_DIMS = (64, 128)
@@ -71,6 +75,7 @@ class _Cfg:
     block_d: int
     dtype: jnp.dtype
     interpret: bool
+    up_groups: int | None = None
 
 
 def _block_d(d: int) -> int:
@@ -78,6 +83,14 @@ def _block_d(d: int) -> int:
         if d % b == 0:
             return b
     raise ValueError(f"D={d} is not a multiple of 64")
+
+
+def _up_groups(e: int) -> int | None:
+    if UP_GROUPS is None or UP_GROUPS >= e:
+        return None
+    if UP_GROUPS < 1:
+        raise ValueError(f"chunk_sparse_ffn (mosaic_gpu): UP_GROUPS must be None or >= 1, got {UP_GROUPS}")
+    return int(UP_GROUPS)
 
 
 def _down_bytes(stages: int, f: int, bd: int, itemsize: int) -> int:
@@ -149,30 +162,40 @@ def _up_call(cfg: _Cfg, x, a_union, w_up, ids, counts):
     stages = max(2, min(UP_STAGES, n_k))  # >= 2: the ring issues step 0 before its loop
     tf = _transforms()
 
+    groups = cfg.up_groups or cfg.experts  # CTAs per chunk; CTA g takes the slots g, g + groups, ...
+
     def kernel(x_ref, a_ref, w_up_ref, ids_ref, cnt_ref, h_ref):
         c = lax.axis_index("chunk")
-        j = lax.axis_index("slot")
+        g = lax.axis_index("slot")
+        count = cnt_ref[c]
 
-        @pl.when(j < cnt_ref[c])
+        @pl.when(g < count)  # a CTA with no slot exits at once
         def _():
-            e = ids_ref[c, j]
-
             def body(x_smem, wu_smem, a_smem, h_smem, bars, a_bar):
-                plgpu.copy_gmem_to_smem(a_ref.at[c, j], a_smem, a_bar)
+                def one_slot(i, carry):
+                    j = g + i * groups
+                    e = ids_ref[c, j]
+                    plgpu.copy_gmem_to_smem(a_ref.at[c, j], a_smem, a_bar)
 
-                def load(k, slot):
-                    cols = pl.ds(k * TILE_K, TILE_K)
-                    plgpu.copy_gmem_to_smem(x_ref.at[c, :, cols], x_smem.at[slot], bars.at[slot])
-                    plgpu.copy_gmem_to_smem(w_up_ref.at[e, cols], wu_smem.at[slot], bars.at[slot])
+                    def load(k, slot):
+                        cols = pl.ds(k * TILE_K, TILE_K)
+                        plgpu.copy_gmem_to_smem(x_ref.at[c, :, cols], x_smem.at[slot], bars.at[slot])
+                        plgpu.copy_gmem_to_smem(w_up_ref.at[e, cols], wu_smem.at[slot], bars.at[slot])
 
-                h = _ring_matmul(n_k, stages, load, x_smem, wu_smem, bars, (ROWS, f))
-                plgpu.barrier_wait(a_bar)
-                a_row = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
-                h = h / (1.0 + jnp.exp(-h)) * lax.broadcast_in_dim(a_row, h.shape, [0])  # silu(h) * a
-                h_smem[...] = h.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(h_smem, h_ref.at[c, j])
-                plgpu.wait_smem_to_gmem(0)
+                    h = _ring_matmul(n_k, stages, load, x_smem, wu_smem, bars, (ROWS, f))
+                    plgpu.barrier_wait(a_bar)
+                    a_row = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+                    h = h / (1.0 + jnp.exp(-h)) * lax.broadcast_in_dim(a_row, h.shape, [0])  # silu(h) * a
+                    h_smem[...] = h.astype(dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(h_smem, h_ref.at[c, j])
+                    plgpu.wait_smem_to_gmem(0)  # h_smem is free for the next slot
+                    return carry
+
+                if groups == cfg.experts:  # one slot per CTA (no loop)
+                    one_slot(0, None)
+                else:
+                    lax.fori_loop(0, (count - g + groups - 1) // groups, one_slot, None)
 
             pl.run_scoped(
                 body,
@@ -187,7 +210,7 @@ def _up_call(cfg: _Cfg, x, a_union, w_up, ids, counts):
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((cfg.chunks, cfg.experts, ROWS, f), dtype),
-        grid=(cfg.chunks, cfg.experts),
+        grid=(cfg.chunks, groups),
         grid_names=("chunk", "slot"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
@@ -274,7 +297,7 @@ def chunk_sparse_ffn(x_CxLxD, a_CxLxE, w_up_ExDxF, w_down_ExFxD, ids_CxE, counts
     c, length, d = x_CxLxD.shape
     e, _, f = w_up_ExDxF.shape
     cfg = _Cfg(chunks=c, experts=e, d=d, f=f, block_d=_block_d(d), dtype=jnp.dtype(x_CxLxD.dtype),
-               interpret=bool(interpret))
+               interpret=bool(interpret), up_groups=_up_groups(e))
     x = jnp.pad(x_CxLxD, ((0, 0), (0, ROWS - length), (0, 0)))  # [C, 64, D]
     a = jnp.pad(a_CxLxE.astype(jnp.float32), ((0, 0), (0, ROWS - length), (0, 0)))
     ids = ids_CxE.astype(jnp.int32)

@@ -56,9 +56,13 @@ def test_d2048():
     np.testing.assert_allclose(y, want, rtol=3e-2, atol=3e-2)
 
 
-def test_ragged_union():
+@pytest.mark.parametrize("groups", [None, 2, 1])
+def test_ragged_union(groups, monkeypatch):
     """Counts differing across chunks, 0 and E included (the down ring's dynamic trip count from
-    0 through more than its depth), F = 128, D = 192 (column blocks of 64)."""
+    0 through more than its depth), F = 128, D = 192 (column blocks of 64); the up kernel with one
+    CTA per slot, and with ``UP_GROUPS`` CTAs per chunk looping over the slots (2: some CTAs take
+    3 slots, some none; 1: one CTA takes the whole union)."""
+    monkeypatch.setattr(mosaic_gpu, "UP_GROUPS", groups)
     rng = np.random.default_rng(2)
     x, a, w_up, w_down = _inputs(rng, 5, 6, 192, 5, 128)
     masks = [[False] * 5, [True] * 5, [False, False, False, True, False], [True, False, True, False, True],
@@ -69,9 +73,11 @@ def test_ragged_union():
     assert not y[0].any()
 
 
-@pytest.mark.parametrize("d,f,block_d", [(256, 64, 128), (256, 128, 128), (2048, 128, 128), (2048, 128, 256)])
-def test_lowers_for_cuda(d, f, block_d, monkeypatch):
+@pytest.mark.parametrize("d,f,block_d,groups", [(256, 64, 128, None), (256, 128, 128, None), (2048, 128, 128, None),
+                                                (2048, 128, 256, None), (2048, 128, 128, 4)])
+def test_lowers_for_cuda(d, f, block_d, groups, monkeypatch):
     monkeypatch.setattr(mosaic_gpu, "BLOCK_D", block_d)
+    monkeypatch.setattr(mosaic_gpu, "UP_GROUPS", groups)
     real = mosaic_gpu.applies
     monkeypatch.setattr(mosaic_gpu, "applies", lambda *a, **kw: real(*a, **{**kw, "interpret": True}))
     x = jnp.zeros((3, 4, d), jnp.bfloat16)
