@@ -48,6 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_sparse_attention.common import ElementMask, ScoreMod, SparseLayout, check_inputs
+from pallas_kernels.hopper import HALF_DTYPES, not_hopper, not_one_half_dtype
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -55,7 +56,7 @@ BLOCK_Q = 128  # query rows per CTA = 2 compute warpgroups x 64 rows; the layout
 BLOCK_KV = 128  # the layout's block_kv
 ROWS = 64  # rows per compute warpgroup (one wgmma M)
 SMEM_BYTES = 227 * 1024
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+SUPPORTED_DTYPES = HALF_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -545,17 +546,9 @@ def applies(q, k, v, layout: SparseLayout, element_mask: ElementMask | None = No
         check_inputs(q, k, v, layout, where="mosaic_gpu")
     except ValueError as e:
         return False, str(e)
-    if not interpret:
-        try:
-            dev = jax.devices()[0]
-        except RuntimeError:
-            return False, "no device"
-        cc = getattr(dev, "compute_capability", None)
-        if dev.platform != "gpu" or cc is None or not str(cc).startswith("9"):
-            return False, f"needs a Hopper GPU (sm90), found {dev.platform} {getattr(dev, 'device_kind', '')} cc={cc}"
-    dts = {jnp.dtype(x.dtype) for x in (q, k, v)}
-    if len(dts) != 1 or dts.pop() not in map(jnp.dtype, SUPPORTED_DTYPES):
-        return False, f"q, k, v must all be bfloat16 or all float16, got {q.dtype}, {k.dtype}, {v.dtype}"
+    why = not_hopper(interpret) or not_one_half_dtype("q, k, v", q, k, v)
+    if why:
+        return False, why
     d = q.shape[-1]
     if d not in (64, 128):
         return False, f"head_dim must be 64 or 128, got {d}"

@@ -52,6 +52,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.hopper import HALF_DTYPES, not_hopper, not_one_half_dtype
+
 ROWS = 64  # one wgmma M: the tokens of a chunk
 TILE_K = 64  # D-columns of x / rows of W_up per up-projection step (one 128-byte swizzle row of bf16)
 BLOCK_D = 128  # output columns per CTA of the down kernel (a smaller power of two if D needs it)
@@ -61,7 +63,7 @@ UP_STAGES = 3  # ring depth of kernel A
 # has G experts; a tuning knob, not yet timed on a GPU)
 UP_GROUPS: int | None = None
 DOWN_STAGES = 3  # ring depth of kernel B (2 where 3 would not fit in SMEM)
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+SUPPORTED_DTYPES = HALF_DTYPES
 EXPERT_DIMS = (64, 128)
 SMEM_BYTES = 227 * 1024
 
@@ -263,18 +265,9 @@ def applies(x_CxLxD, w_up_ExDxF, w_down_ExFxD, *, interpret: bool = False) -> tu
     """A Hopper GPU (or ``interpret``), x and the weights all bf16 or all fp16, at most 64 tokens
     per chunk, D any multiple of 64 (the down kernel's column block is then the largest of
     ``BLOCK_D``, 128, 64 dividing D), an expert width F of 64 or 128."""
-    if not interpret:
-        try:
-            dev = jax.devices()[0]
-        except RuntimeError:
-            return False, "no device"
-        cc = getattr(dev, "compute_capability", None)
-        if dev.platform != "gpu" or cc is None or not str(cc).startswith("9"):
-            return False, f"needs a Hopper GPU (sm90), found {dev.platform} cc={cc}"
-    dts = {jnp.dtype(t.dtype) for t in (x_CxLxD, w_up_ExDxF, w_down_ExFxD)}
-    if len(dts) != 1 or dts.pop() not in map(jnp.dtype, SUPPORTED_DTYPES):
-        return False, (f"x, w_up, w_down must all be bfloat16 or all float16, got {x_CxLxD.dtype}, "
-                       f"{w_up_ExDxF.dtype}, {w_down_ExFxD.dtype}")
+    why = not_hopper(interpret) or not_one_half_dtype("x, w_up, w_down", x_CxLxD, w_up_ExDxF, w_down_ExFxD)
+    if why:
+        return False, why
     length, d = x_CxLxD.shape[1:]
     if length > ROWS:
         return False, f"a chunk of {length} tokens exceeds one {ROWS}-row tile"

@@ -33,13 +33,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.decode_attention.common import (Split, check_inputs, combine, full_counts, group_rows, pad_slots,
                                                     ungroup_rows)
+from pallas_kernels.hopper import HALF_DTYPES, not_hopper, not_one_half_dtype
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 ROWS = 64  # one wgmma M: all query rows of a group
 BLOCK_C = 64  # slots per K/V block
 STAGES = 2  # K/V ring slots: STAGES - 1 blocks in flight while one is computed (a tuning knob, >= 2)
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+SUPPORTED_DTYPES = HALF_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,17 +173,9 @@ def _call(cfg: _Cfg, q, k, v, pos, counts, qpos):
 def applies(q, k, v, *, interpret: bool = False) -> tuple[bool, str]:
     """A Hopper GPU (or ``interpret``), q/k/v all bf16 or all fp16, head_dim 64 or 128, and at
     most 64 query rows per group (T * H / K)."""
-    if not interpret:
-        try:
-            dev = jax.devices()[0]
-        except RuntimeError:
-            return False, "no device"
-        cc = getattr(dev, "compute_capability", None)
-        if dev.platform != "gpu" or cc is None or not str(cc).startswith("9"):
-            return False, f"needs a Hopper GPU (sm90), found {dev.platform} cc={cc}"
-    dts = {jnp.dtype(x.dtype) for x in (q, k, v)}
-    if len(dts) != 1 or dts.pop() not in map(jnp.dtype, SUPPORTED_DTYPES):
-        return False, f"q, k, v must all be bfloat16 or all float16, got {q.dtype}, {k.dtype}, {v.dtype}"
+    why = not_hopper(interpret) or not_one_half_dtype("q, k, v", q, k, v)
+    if why:
+        return False, why
     if q.shape[-1] not in (64, 128):
         return False, f"head_dim must be 64 or 128, got {q.shape[-1]}"
     rows = q.shape[1] * (q.shape[2] // k.shape[1])
