@@ -3,23 +3,16 @@ interpret mode (all pass), the bench rows (the kernel at every budget, XLA, cuDN
 recorded) with finite times and the summary's fit, the end-to-end rows (prefill and decode, with
 and without SnapKV, read by XLA and by the kernel), and the plot."""
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .loader import load_experiment
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_mod", os.path.join(ROOT, "experiments", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment(f"{name}.py", name=f"{name}_mod")
 
 
 def _finite(x):

@@ -3,20 +3,14 @@ the portable kernel for the sweep): every part writes rows with finite times, th
 the figure is drawn; and a kernel that raises turns its cases into FAILs (exit code 1) without
 stopping the run."""
 
-import importlib.util
 import json
 import math
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .loader import load_experiment
 
 
 def _load(name):
-    path = os.path.join(ROOT, "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment(f"{name}.py", name=f"_{name}")
 
 
 def test_quick_mode_all_parts(tmp_path):

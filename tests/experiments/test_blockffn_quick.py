@@ -3,23 +3,18 @@ with each loss ablation), with the training shortened so that it fits the test b
 trains, is read for TLS / CLS_L / reuse / SRP / SCH, the claims are evaluated and the figure
 written. The committed results_quick/ come from the full quick mode (240 steps)."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .loader import load_experiment
+
 SHORT = ["--set", "train.steps=20", "--set", "train.eval_every=20", "--set", "train.log_every=5",
          "--set", "moe.cs_hold_steps=6", "--set", "moe.cs_window=3"]
 
 
 def _load():
-    path = os.path.join(ROOT, "experiments", "blockffn", "run.py")
-    spec = importlib.util.spec_from_file_location("blockffn_run", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("blockffn", "run.py", name="blockffn_run")
 
 
 @pytest.mark.slow

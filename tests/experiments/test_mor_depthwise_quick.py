@@ -2,7 +2,6 @@
 queue; the depth-wise rows agree with plain batching), and the MoR experiment's allocated KV
 bytes per strategy (run.allocated_kv_bytes) against the capacities' arithmetic."""
 
-import importlib.util
 import json
 import os
 import sys
@@ -11,15 +10,14 @@ import pytest
 
 from jaxeff import ModelConfig
 
+from .loader import load_experiment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load(name: str):
     sys.path.insert(0, os.path.join(ROOT, "experiments", "mor"))
-    spec = importlib.util.spec_from_file_location(f"mor_{name}", os.path.join(ROOT, "experiments", "mor", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("mor", f"{name}.py", name=f"mor_{name}")
 
 
 @pytest.mark.slow

@@ -1,19 +1,14 @@
 """experiments/mor end to end in its quick mode: every variant trains, is evaluated and plotted."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .loader import load_experiment
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("mor_run", os.path.join(ROOT, "experiments", "mor", "run.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("mor", "run.py", name="mor_run")
 
 
 @pytest.mark.slow

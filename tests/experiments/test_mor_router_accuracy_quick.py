@@ -1,23 +1,15 @@
 """experiments/mor/router_accuracy.py end to end in its quick mode: a run trains, its curve of
 router sampling accuracy is read and summarised, and the JSON and the plot are written."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .loader import load_experiment
 
 
 def _load():
-    sys.path.insert(0, os.path.join(ROOT, "experiments", "mor"))
-    spec = importlib.util.spec_from_file_location("mor_router_accuracy",
-                                                  os.path.join(ROOT, "experiments", "mor", "router_accuracy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("mor", "router_accuracy.py", name="mor_router_accuracy")
 
 
 @pytest.mark.slow

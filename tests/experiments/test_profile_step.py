@@ -1,19 +1,17 @@
 """experiments/profile_step.py: HLO categories, and the script runs end to end (CPU: no device ops)."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
+from .loader import load_experiment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("profile_step", os.path.join(ROOT, "experiments", "profile_step.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("profile_step.py", name="profile_step")
 
 
 def test_categories_and_hlo_lines():

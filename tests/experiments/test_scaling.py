@@ -1,19 +1,14 @@
 """experiments/scaling.py: layouts parse, and every mesh layout reproduces its one-device loss curve."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .loader import load_experiment
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment(f"{name}.py", name=name)
 
 
 def test_parse_layout():

@@ -3,23 +3,18 @@ code path, fewer training steps and settings) trains the video model, evaluates 
 on it and on SmolLM2's prefill, and writes the JSON and pictures. The full quick mode (the
 committed results) is the slow test."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .loader import load_experiment
+
 VIDEO_METHODS = {"local_window", "svg2", "paro", "adaspa", "efficient_vdit", "xattention"}
 LLM_METHODS = {"local_window", "xattention", "minference", "adaspa", "svg2"}
 
 
 def _load():
-    path = os.path.join(ROOT, "experiments", "sparse_select", "run.py")
-    spec = importlib.util.spec_from_file_location("sparse_select_run", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("sparse_select", "run.py", name="sparse_select_run")
 
 
 def check_report(out, mode):

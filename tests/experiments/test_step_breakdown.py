@@ -1,20 +1,15 @@
 """experiments/step_breakdown.py runs and its nested parts are consistent."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .loader import load_experiment
 
 
 @pytest.mark.slow
 def test_step_breakdown_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("step_breakdown", os.path.join(ROOT, "experiments",
-                                                                                 "step_breakdown.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_experiment("step_breakdown.py", name="step_breakdown")
     out = tmp_path / "bd.json"
     assert mod.main(["--preset", "tiny", "--reps", "2", "--set", "model.n_layers=2", "--out", str(out)]) == 0
     r = json.load(open(out))
