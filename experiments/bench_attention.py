@@ -74,7 +74,8 @@ def jax_part(a) -> dict:
     import jax.numpy as jnp
 
     import jaxeff.sparse as sp
-    from op_profile import print_profile, profile_ops
+    if a.profile:
+        from op_profile import print_profile, profile_ops
 
     dev = jax.devices()[0]
     print(f"[jax] {dev.device_kind}, jax {jax.__version__}", flush=True)
@@ -375,7 +376,8 @@ def main() -> int:
     p.add_argument("--profile", action="store_true",
                    help="trace jaxeff's forward at the main shape (dense, random 10%%, document, traced masks): "
                         "device ms per op in the JSON")
-XX, default="/tmp/bench_attention_tables.npz")
+    p.add_argument("--deadline-s", type=float, default=1e9, help="start no new case after this many seconds")
+    p.add_argument("--tables", default="/tmp/bench_attention_tables.npz")
     p.add_argument("--jax-json", default="/tmp/bench_attention_jax.json")
     p.add_argument("--torch-json", default="/tmp/bench_attention_torch.json")
     p.add_argument("--out", default="bench_attention.json")
