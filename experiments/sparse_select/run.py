@@ -141,6 +141,27 @@ def compare_to_window(rows: list[dict], window: list[dict], task_key: str) -> li
     return out
 
 
+def save_partial(out: str, part: str, data: dict) -> None:
+    """The rows so far of one part (``partial_<part>.json``), so that a run cut by a time limit
+    keeps what it measured; the finished part replaces it in ``results.json``."""
+    with open(os.path.join(out, f"partial_{part}.json"), "w") as f:
+        json.dump(data, f, indent=1, default=float)
+
+
+def save_report(out: str, report: dict) -> None:
+    """Writes ``results.json``, keeping the parts an earlier run of the same mode wrote and this
+    one did not run (the video part on a GPU, the LLM part elsewhere, say); each part keeps its
+    own ``hardware``."""
+    path = os.path.join(out, "results.json")
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    merged = {**old, **report} if old.get("mode") == report["mode"] else dict(report)
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=1, default=float)
+
+
 def run_video(s: dict, out: str, log) -> dict:
     spec = s["video"]
     log(f"video: training a {s['model']} on {spec.tokens}-token videos {spec.token_grid}")
@@ -159,6 +180,7 @@ def run_video(s: dict, out: str, log) -> dict:
             r = video_eval.run_setting(model, batch, calib, method, knobs, s["video_options"][method], layers,
                                        s["block"])
             rows.append(r)
+            save_partial(out, "video", {"train": train, "dense": dense, "results": rows})
             log(f"  {method:15s} {knobs} density {r['density']:.3f} err {r['rel_error']:.3f} recall "
                 f"{r['recall']:.3f} mse {r['mse']:.4f} ({time.perf_counter() - t0:.1f}s)")
     svg2_opts = s["video_options"]["svg2"]
@@ -192,6 +214,7 @@ def run_llm(s: dict, out: str, log) -> dict:
             t0 = time.perf_counter()
             r = llm_eval.run_setting(llm, tokens, c["prefill"], method, knobs, c["options"][method], c["block"])
             rows.append(r)
+            save_partial(out, "llm", {"dense": dense, "results": rows})
             log(f"  {method:15s} {knobs} density {r['density']:.3f} err {r['rel_error']:.3f} recall "
                 f"{r['recall']:.3f} nll {r['nll_prefill']:.3f}/{r['nll_continuation']:.3f} "
                 f"({time.perf_counter() - t0:.1f}s)")
@@ -246,13 +269,17 @@ def main(argv=None) -> int:
               "timing_note": "select_seconds and attention_seconds: one layer, median of 3 jitted calls; on a CPU "
                              "the reference attention costs dense whatever the mask"}
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-    if "video" in parts:
-        report["video"] = run_video(s, out, log)
-    if "llm" in parts:
-        report["llm"] = run_llm(s, out, log)
+    for part, run in (("video", run_video), ("llm", run_llm)):
+        if part in parts:
+            t_part = time.perf_counter()
+            report[part] = run(s, out, log) | {"hardware": report["hardware"], "date": report["date"],
+                                                "seconds": time.perf_counter() - t_part}
+            save_report(out, report)
+            partial = os.path.join(out, f"partial_{part}.json")
+            if os.path.exists(partial):
+                os.remove(partial)
     report["seconds"] = time.perf_counter() - t0
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
+    save_report(out, report)
     log(f"wrote {out}/results.json ({report['seconds']:.0f}s)")
     return 0
 

@@ -12,8 +12,11 @@ token.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import time
 
 import jax
@@ -142,8 +145,8 @@ def train(video: video_data.VideoSpec, spec: ModelSpec, tspec: TrainSpec, *, log
         return optax.apply_updates(params, updates), opt_state, loss
 
     t0, curve = time.perf_counter(), []
-    for i in range(tspec.steps):
-        batch = make_batch(video, tspec.batch_size, seed=tspec.seed * 1_000_003 + i)
+    seeds = (tspec.seed * 1_000_003 + i for i in range(tspec.steps))
+    for i, batch in enumerate(prefetch(lambda seed: make_batch(video, tspec.batch_size, seed=seed), seeds)):
         params, opt_state, loss = step(params, opt_state, batch)
         if i % max(1, tspec.steps // 10) == 0 or i == tspec.steps - 1:
             curve.append((i, float(loss)))
@@ -151,6 +154,19 @@ def train(video: video_data.VideoSpec, spec: ModelSpec, tspec: TrainSpec, *, log
     model = nnx.merge(graphdef, params)
     return model, {"train_curve": curve, "train_seconds": time.perf_counter() - t0, "steps": tspec.steps,
                    "batch_size": tspec.batch_size}
+
+
+def prefetch(make, keys, ahead: int = 4, workers: int = 2):
+    """``make(key)`` for each key, in order, computed ``ahead`` keys early by ``workers`` threads
+    (the procedural videos are drawn in numpy on the host while the device trains)."""
+    keys = iter(keys)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        queue = collections.deque(pool.submit(make, k) for k in itertools.islice(keys, ahead))
+        while queue:
+            item = queue.popleft().result()
+            for k in itertools.islice(keys, 1):
+                queue.append(pool.submit(make, k))
+            yield item
 
 
 def make_batch(video: video_data.VideoSpec, size: int, seed: int) -> dict[str, jax.Array]:

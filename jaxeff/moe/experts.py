@@ -57,8 +57,13 @@ def ragged_dot_impl(impl: str):
         fn = _tokamax_ragged_dot() if (impl == "tokamax" or jax.default_backend() == "gpu") else None
         if fn is not None:
             def dot(lhs, rhs, group_sizes, preferred_element_type=None):
+                # tokamax's kernels take operands of one half dtype, and its VJP multiplies the
+                # output's cotangent with them: a float32 output would make a float32 cotangent
+                # its backward refuses. So the output keeps the operands' dtype (the kernel still
+                # accumulates in float32) and is cast afterwards.
                 try:
-                    return fn(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+                    out = fn(lhs, rhs, group_sizes)
+                    return out if preferred_element_type is None else out.astype(preferred_element_type)
                 except NotImplementedError:
                     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
             return dot

@@ -3,6 +3,8 @@ top-k through ``jax.lax.ragged_dot`` (values and gradients equal to the dense pa
 capacities that drop the overflow in GShard's order, and the chunk-sparse kernel path with the
 dense path's gradient."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +69,46 @@ def test_tokamax_is_refused_clearly_when_missing():
         with pytest.raises(ValueError, match="tokamax"):
             experts.ragged_dot_impl("tokamax")
     assert experts.ragged_dot_impl("ragged") is jax.lax.ragged_dot
+
+
+def _strict_half_ragged_dot():
+    """A stand-in for tokamax's Mosaic ``ragged_dot``: it takes operands of one dtype only, and its
+    backward multiplies the output's cotangent with them, refusing a cotangent of another dtype."""
+    def check(*arrays):
+        if len({a.dtype for a in arrays}) != 1:
+            raise NotImplementedError(f"lhs and rhs must have same dtype, got {[a.dtype for a in arrays]}")
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def dot(lhs, rhs, sizes, out_dtype):
+        check(lhs, rhs)
+        return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=out_dtype)
+
+    def fwd(lhs, rhs, sizes, out_dtype):
+        return dot(lhs, rhs, sizes, out_dtype), (lhs, rhs, sizes)
+
+    def bwd(out_dtype, res, g):
+        lhs, rhs, sizes = res
+        check(g, rhs)
+        _, vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, sizes), lhs, rhs)
+        return (*vjp(g), None)
+
+    dot.defvjp(fwd, bwd)
+    return lambda lhs, rhs, sizes, preferred_element_type=None: dot(lhs, rhs, sizes, preferred_element_type)
+
+
+def test_tokamax_path_trains_in_bf16(weights, monkeypatch):
+    """The tokamax path's gradient with bf16 weights: a float32 output from the kernel would give
+    its backward a float32 cotangent against bf16 weights (the H200 run's NotImplementedError)."""
+    monkeypatch.setattr(experts, "_tokamax_ragged_dot", _strict_half_ragged_dot)
+    x, w_up, w_down, _ = (w.astype(jnp.bfloat16) for w in weights)
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(N, E)), jnp.float32)
+    gates, chosen, _ = routers.topk_route(logits, K)
+    loss = lambda impl: lambda x, u, d: jnp.sum(experts.ragged_experts(x, gates, chosen, u, d, impl=impl) ** 2)  # noqa: E731
+    got = jax.grad(loss("tokamax"), argnums=(0, 1, 2))(x, w_up, w_down)
+    want = jax.grad(loss("ragged"), argnums=(0, 1, 2))(x, w_up, w_down)
+    for a, b in zip(got, want):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0.05, atol=0.05)
 
 
 def test_capacity_drops_the_overflow_in_gshard_order(weights):
