@@ -167,12 +167,11 @@ def _table_states(table: BlockTable, batch: int, heads: int, q_len: int, kv_len:
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
 def _build(mask_fn, batch, heads, q_len, kv_len, bq, bk):
-    elementwise = lambda: _classify(mask_fn, batch, heads, q_len, kv_len, bq, bk)
     if isinstance(mask_fn, BlockTable) and (mask_fn.block_q, mask_fn.block_kv) == (bq, bk):
         states = _table_states(mask_fn, batch, heads, q_len, kv_len, bq, bk)
-    else:  # bands and packed documents from their structure (exactly); anything else per element
-        states = structural_states(mask_fn, batch, heads, q_len, kv_len, bq, bk, elementwise)
-        states = elementwise() if states is None else states
+    else:  # bands and documents from their structure (block_states); anything else per element
+        states = structural_states(mask_fn, batch, heads, q_len, kv_len, bq, bk)
+        states = _classify(mask_fn, batch, heads, q_len, kv_len, bq, bk) if states is None else states
     partial, full = states == 1, states == 2
     kvn, kvi = _list_from_flags(partial)
     fkvn, fkvi = _list_from_flags(full)

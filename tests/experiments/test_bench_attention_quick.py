@@ -15,7 +15,7 @@ from .loader import load_experiment
 def test_jax_side_and_merge(tmp_path):
     bench = load_experiment("bench_attention.py", name="bench_attention")
     jax_json, tables = tmp_path / "jax.json", tmp_path / "tables.npz"
-    common = ["--quick", "--reps", "1", "--jax-json", str(jax_json), "--tables", str(tables)]
+    common = ["--quick", "--reps", "1", "--inner", "2", "--jax-json", str(jax_json), "--tables", str(tables)]
     argv = sys.argv
     try:
         sys.argv = ["bench_attention.py", "--part", "jax", "--impl", "pallas", "--profile", *common]

@@ -1,6 +1,7 @@
 """Block states from a mask's structure equal the element-wise classification exactly: bands
-(causal, sliding windows with offsets), packed documents (run-unique rows; other rows fall back
-to elements), documents AND causal; uneven lengths, block sizes, and under jit."""
+(causal, sliding windows with offsets), packed documents (run-unique rows), documents AND
+causal; uneven lengths, block sizes, and under jit. Rows whose ids come back are classified
+conservatively: full blocks exact, never empty where a pair attends, the attention unchanged."""
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ def _elementwise(fn, b, h, q, k, bq, bk):
 
 
 def _structural(fn, b, h, q, k, bq, bk):
-    out = structural_states(fn, b, h, q, k, bq, bk, lambda: jnp.full((b, h, -(-q // bq), -(-k // bk)), 9, jnp.int8))
+    out = structural_states(fn, b, h, q, k, bq, bk)
     return None if out is None else np.asarray(out)
 
 
@@ -45,17 +46,31 @@ def test_packed_documents_equal_the_elementwise_states(t, bq, bk, causal):
     rng = np.random.default_rng(t + bq)
     seg = jnp.asarray(_packed(rng, 3, t, 5))
     fn = sp.and_masks(sp.document(seg), sp.causal()) if causal else sp.document(seg)
-    got = _structural(fn, 3, 1, t, t, bq, bk)
-    assert (got != 9).all()  # run-unique rows: no fallback
-    np.testing.assert_array_equal(got, _elementwise(fn, 3, 1, t, t, bq, bk))
+    np.testing.assert_array_equal(_structural(fn, 3, 1, t, t, bq, bk), _elementwise(fn, 3, 1, t, t, bq, bk))
 
 
-def test_rows_with_returning_ids_fall_back_to_elements():
-    seg = jnp.asarray([[1] * 20 + [2] * 20 + [1] * 24])  # id 1 comes back: not run-unique
-    got = _structural(sp.document(seg), 1, 1, 64, 64, 16, 16)
-    assert (got == 9).all()  # the element-wise path (the sentinel here)
-    bm = sp.create_block_mask(sp.document(seg), 1, None, 64, 64, block_q=16, block_kv=16)
-    np.testing.assert_array_equal(np.asarray(bm.block_states()), _elementwise(sp.document(seg), 1, 1, 64, 64, 16, 16))
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_with_returning_ids_are_classified_conservatively(causal):
+    rng = np.random.default_rng(7)
+    returning = np.asarray([1] * 20 + [2] * 20 + [1] * 24 + [3] * 30 + [0] * 2)  # id 1 comes back
+    shuffled = rng.integers(0, 4, 96)  # ids in no order at all
+    packed = _packed(rng, 1, 96, 4)[0]  # run-unique: exact
+    seg = jnp.asarray(np.stack([returning, shuffled, packed]))
+    fn = sp.and_masks(sp.document(seg), sp.causal()) if causal else sp.document(seg)
+    got, want = _structural(fn, 3, 1, 96, 96, 16, 16), _elementwise(fn, 3, 1, 96, 96, 16, 16)
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_array_equal(got == 2, want == 2)  # full blocks: exact
+    assert not ((got == 0) & (want != 0)).any()  # never skips a block with an allowed pair
+    assert (got[0] != want[0]).any()  # the returning row is looser than exact (blocks 0 and 3 share id 1)
+    # so the attention is the reference's
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 96, 2, 16)), jnp.float32) for _ in range(3))
+    bm = sp.create_block_mask(fn, 3, None, 96, 96, block_q=16, block_kv=16)
+    allowed_Bx1xQxK = sp.masks.as_mask_fn(fn)(jnp.arange(3)[:, None, None, None], 0, jnp.arange(96)[:, None],
+                                              jnp.arange(96)[None, :])
+    got_o = sp.block_sparse_attention(q, k, v, bm, impl="reference")
+    s_ = jnp.where(allowed_Bx1xQxK, jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0, -jnp.inf)
+    want_o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s_, -1), v)
+    np.testing.assert_allclose(np.asarray(got_o), np.asarray(want_o), rtol=1e-5, atol=1e-5)
 
 
 def test_other_masks_are_not_claimed():
