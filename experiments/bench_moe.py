@@ -36,7 +36,8 @@ as it is done, so a run killed at its time limit keeps what it measured):
 
 Timings (``experiments/bench_attention.py``'s style): a compile call, a timed warm call, a
 warm-up when that is fast, then the median of up to ``--reps`` calls, each ended by
-``block_until_ready``; a slow case takes fewer reps (``--case-budget-s``). ``--deadline-s``:
+``block_until_ready`` (``--inner N``: N calls per sample, time per call); a slow case takes
+fewer reps (``--case-budget-s``). ``--deadline-s``:
 no new case starts after that many seconds from the start (the chunk sweep stops
 ``--grouped-reserve-s`` earlier so that the grouped part still runs). ``--quick``: tiny shapes
 for a CPU smoke test (``mosaic_gpu`` in interpret mode for the checks, ``portable`` for the sweep).
@@ -156,8 +157,10 @@ def union_stats(a: np.ndarray, chunk_len: int) -> dict:
 
 # ----------------------------------------------------------------------------------- timing
 
-def timeit(fn, *args, reps: int, budget_s: float):
-    """(median seconds, reps used, first-call seconds incl. compile)."""
+def timeit(fn, *args, reps: int, budget_s: float, inner: int = 1):
+    """(median seconds per call, reps used, first-call seconds incl. compile). Each sample times
+    ``inner`` calls dispatched back to back and one wait (more than 1 hides the host's launch and
+    wait, ~0.15 ms per call on an H200, behind the device's work)."""
     import jax
 
     t0 = time.perf_counter()
@@ -168,12 +171,12 @@ def timeit(fn, *args, reps: int, budget_s: float):
     warm = time.perf_counter() - t0
     if warm < 0.05:
         jax.block_until_ready(fn(*args))
-    n = max(1, min(reps, int(budget_s / max(warm, 1e-6))))
+    n = max(1, min(reps, int(budget_s / max(warm * inner, 1e-6))))
     ts = []
     for _ in range(n):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
+        jax.block_until_ready([fn(*args) for _ in range(inner)])
+        ts.append((time.perf_counter() - t0) / inner)
     if n < 3:
         ts.append(warm)
     return statistics.median(ts), n, first
@@ -398,7 +401,7 @@ def chunk_part(run: Run) -> None:
                     try:
                         if dense_ms is None:  # once per (chunk length, shape): the dense time does not depend on a
                             t_d, n_d, _ = timeit(dense, lay["x"], a, lay["w_up_all"], lay["w_down_all"], reps=args.reps,
-                                                 budget_s=args.case_budget_s)
+                                                 inner=args.inner, budget_s=args.case_budget_s)
                             dense_ms = 1e3 * t_d
                         row.update(dense_ms=dense_ms,
                                    dense_tflops=4.0 * b * t * d * e * f / (dense_ms / 1e3) / 1e12,
@@ -413,7 +416,7 @@ def chunk_part(run: Run) -> None:
                         continue
                     try:
                         t_k, n_k, first = timeit(fn, lay["x"], a, lay["w_up"], lay["w_down"], reps=args.reps,
-                                                 budget_s=args.case_budget_s)
+                                                 inner=args.inner, budget_s=args.case_budget_s)
                         kernel_ms = 1e3 * t_k
                         row.update(kernel_ms=kernel_ms, reps=n_k, first_call_s=round(first, 3),
                                    kernel_eff_tflops=stats["union_ratio"] * 4.0 * b * t * d * e * f / t_k / 1e12)
@@ -560,7 +563,7 @@ def grouped_part(run: Run) -> None:
                 continue
             row = dict(base, impl=name, flops=mult * flops)
             try:
-                t_s, reps, first = timeit(fn, *fargs, reps=args.reps, budget_s=args.case_budget_s)
+                t_s, reps, first = timeit(fn, *fargs, reps=args.reps, inner=args.inner, budget_s=args.case_budget_s)
                 row.update(ms=1e3 * t_s, tflops=mult * flops / t_s / 1e12, reps=reps, first_call_s=round(first, 3))
                 try:
                     if check == "rows":
@@ -724,7 +727,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep-impl", default=None,
                    help="the sweep's implementation(s), comma-separated (default --impl; 'portable' with --quick on CPU); "
                         "'mosaic_gpu@8': the Hopper kernel with 8 up-kernel CTAs per chunk (UP_GROUPS)")
-    p.add_argument("--reps", type=int, default=10, help="timed calls per case (median)")
+    p.add_argument("--reps", type=int, default=10, help="timed samples per case (median)")
+    p.add_argument("--inner", type=int, default=1, help="calls per timed sample (time per call)")
     p.add_argument("--case-budget-s", type=float, default=2.0, help="a slow case takes fewer reps to fit this")
     p.add_argument("--deadline-s", type=float, default=1e9, help="start no new case after this many seconds")
     p.add_argument("--checks-budget-s", type=float, default=1e9, help="start no new check after this many seconds")

@@ -16,7 +16,7 @@ def _load(name):
 def test_quick_mode_all_parts(tmp_path):
     bench, plot = _load("bench_moe"), _load("plot_moe")
     out = tmp_path / "bench_moe.json"
-    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--inner", "2", "--out", str(out)]) == 0
     res = json.load(open(out))
     assert res["status"] == "done" and res["device"] and res["jax"] and res["date"]
     rows = res["rows"]
