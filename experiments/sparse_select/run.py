@@ -273,6 +273,7 @@ def main(argv=None) -> int:
         if part in parts:
             t_part = time.perf_counter()
             report[part] = run(s, out, log) | {"hardware": report["hardware"], "date": report["date"],
+                                                "attention_impl": report["attention_impl"],
                                                 "seconds": time.perf_counter() - t_part}
             save_report(out, report)
             partial = os.path.join(out, f"partial_{part}.json")
