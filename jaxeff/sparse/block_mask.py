@@ -11,7 +11,9 @@ Rules:
   contains padding is never *full*; it is *partial* if some real element is allowed, else empty.
 * Lists: for query block i, the first ``kv_num_blocks[b, h, i]`` entries of ``kv_indices[b, h, i]``
   are the partial key blocks, ascending; ``full_kv_*`` the same for full blocks; the two are
-  disjoint and together hold exactly the non-empty blocks. Entries past a count repeat the row's
+  disjoint and together hold exactly the non-empty blocks (one exception: a ``document`` row whose
+  ids come back after another lists some empty blocks as partial, see
+  :mod:`jaxeff.sparse.block_states`; the element mask still masks them). Entries past a count repeat the row's
   last active index (0 for an empty row). The ``q_*`` lists are the transpose (per key block, the
   query blocks that see it), for the dK/dV backward pass. The lists have a fixed length (the
   number of blocks), so a changed sparsity pattern under ``jax.jit`` does not recompile.
