@@ -77,3 +77,21 @@ def test_a_raising_kernel_fails_its_cases_and_the_run_goes_on(tmp_path, monkeypa
     assert all("boom" in r["error"] for r in checks if r["status"] == "FAIL")
     chunk = [r for r in res["rows"] if r["part"] == "chunk"]
     assert chunk and chunk[0]["kernel_ms"] is None and "boom" in chunk[0]["error"] and chunk[0]["dense_ms"] > 0
+
+
+def test_timeit_reports_time_per_call_over_inner_calls():
+    import time
+
+    import jax.numpy as jnp
+
+    bench = _load("bench_moe")
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.02)
+        return jnp.zeros(())
+
+    t, n, _ = bench.timeit(fn, reps=4, budget_s=100.0, inner=3)
+    assert n == 4 and len(calls) == 3 + 4 * 3  # compile call, warm call, warm-up, then 4 samples of 3
+    assert 0.018 < t < 0.04  # per call: a sample of three calls takes >= 0.06 s

@@ -103,7 +103,9 @@ def test_tokamax_path_trains_in_bf16(weights, monkeypatch):
     x, w_up, w_down, _ = (w.astype(jnp.bfloat16) for w in weights)
     logits = jnp.asarray(np.random.default_rng(3).normal(size=(N, E)), jnp.float32)
     gates, chosen, _ = routers.topk_route(logits, K)
-    loss = lambda impl: lambda x, u, d: jnp.sum(experts.ragged_experts(x, gates, chosen, u, d, impl=impl) ** 2)  # noqa: E731
+    def loss(impl):
+        return lambda x, u, d: jnp.sum(experts.ragged_experts(x, gates, chosen, u, d, impl=impl) ** 2)
+
     got = jax.grad(loss("tokamax"), argnums=(0, 1, 2))(x, w_up, w_down)
     want = jax.grad(loss("ragged"), argnums=(0, 1, 2))(x, w_up, w_down)
     for a, b in zip(got, want):
