@@ -4,6 +4,7 @@ trains, is read for TLS / CLS_L / reuse / SRP / SCH, the claims are evaluated an
 written. The committed results_quick/ come from the full quick mode (240 steps)."""
 
 import json
+import os
 
 import pytest
 
@@ -43,3 +44,45 @@ def test_quick_mode_end_to_end(tmp_path):
     assert {c["claim"] for c in report["claims"]} >= {"CLS_8: BlockFFN (AL+CS) > top-k (paper: 0.714 vs 0.492)"}
     # a second call keeps finished variants instead of retraining them
     assert run.main(["--mode", "quick", "--out", str(tmp_path), "--variants", "dense", *SHORT]) == 0
+
+
+def test_steps_rescale_the_schedule():
+    run = _load()
+    full = run.variant_config("full", "blockffn", "/tmp/unused", [], steps=800)
+    assert full.train.steps == 800 and full.train.warmup_steps == 40 and full.train.eval_every == 100
+    assert full.model.moe.cs_hold_steps == 100 and full.model.moe.cs_window == 10  # 1000 and 100 at 8000 steps
+    default = run.variant_config("full", "blockffn", "/tmp/unused", [])
+    assert default.train.steps == 8000 and default.model.moe.cs_hold_steps == 1000
+    # an explicit override wins over the rescaled value
+    kept = run.variant_config("full", "blockffn", "/tmp/unused", ["moe.cs_hold_steps=7"], steps=800)
+    assert kept.model.moe.cs_hold_steps == 7
+    assert run.variant_config("full", "topk", "/tmp/unused", []).model.moe.expert_impl == "dense"
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        run.variant_config("full", "dense", "/tmp/unused", [], steps=0)
+
+
+def test_update_merges_variants_and_reevaluates_claims(tmp_path):
+    run = _load()
+    path = str(tmp_path / "results.json")
+    row = lambda loss: {"val_loss": loss, "tls": 0.8, "cls_8": 0.7,  # noqa: E731
+                        "curves": {"val": [{"step": 1, "val_loss": loss + 1}, {"step": 2, "val_loss": loss}]}}
+    run._update(path, lambda r: {**r, "variants": {**r["variants"], "dense": row(5.0)}})
+    rep = run._update(path, lambda r: {**r, "variants": {**r["variants"], "blockffn": row(5.1)}})
+    assert set(json.load(open(path))["variants"]) == {"dense", "blockffn"} == set(rep["variants"])
+    claims = {c["claim"]: c["holds"] for c in rep["claims"]}
+    assert claims["BlockFFN (AL+CS) reaches CLS_8 >= 0.6 (paper: 0.714)"] is True
+    assert claims["val loss: BlockFFN (AL+CS) <= dense + 0.05 nats (paper: PPL 14.88 vs 14.90)"] is False
+
+
+@pytest.mark.slow
+def test_jobs_train_variants_concurrently(tmp_path):
+    run = _load()
+    args = ["--mode", "quick", "--out", str(tmp_path), "--variants", "dense,topk,blockffn", "--jobs", "2", *SHORT]
+    assert run.main(args) == 0
+    report = json.load(open(tmp_path / "results.json"))
+    assert set(report["variants"]) == {"dense", "topk", "blockffn"}
+    assert {r["concurrent_jobs"] for r in report["variants"].values()} == {2}
+    assert sorted(os.listdir(tmp_path / "logs")) == ["job0_dense+blockffn.log", "job1_topk.log"]
+    assert (tmp_path / "blockffn.png").stat().st_size > 10_000
+    # the tokenizer was built once, before the jobs, and every variant read the same tokens
+    assert (tmp_path / "runs" / "_tokenizer").is_dir()
