@@ -14,11 +14,12 @@ are checked on these numbers as claims (none tuned towards them). Writes ``resul
 
     python experiments/blockffn/run.py --mode quick   # CPU, a few minutes (CI runs this)
     python experiments/blockffn/run.py --mode full    # one GPU (the paper's 0.1B shapes)
-    python experiments/blockffn/run.py --mode full --steps 1000 --jobs 4 --variants dense,topk,blockffn,remoe
+    python experiments/blockffn/run.py --mode full --steps 800 --jobs 2   # as run on one H200
 
 ``--steps`` shortens the run (the warm-up, the log and evaluation intervals and BlockFFN's CS
 schedule scale with it). ``--jobs N`` trains the variants in N processes at once on the one
-device: the compiles overlap and a 0.1B model leaves room on an 80-141 GB GPU. The tokens/s each
+device: the compiles and the host's work overlap. Two 0.1B jobs fit in an H200's 141 GB; three
+grew to ~140 GB, and a fourth ran out of memory. The tokens/s each
 variant then reports is a share of the device, not its throughput (``bench_train.py`` measures
 that). Each finished variant is merged into ``results.json`` under a file lock, so a run cut
 off keeps what finished and a later call trains only what is missing.
