@@ -18,8 +18,8 @@ are checked on these numbers as claims (none tuned towards them). Writes ``resul
 
 ``--steps`` shortens the run (the warm-up, the log and evaluation intervals and BlockFFN's CS
 schedule scale with it). ``--jobs N`` trains the variants in N processes at once on the one
-device: the compiles and the host's work overlap. Two 0.1B jobs fit in an H200's 141 GB; three
-grew to ~140 GB, and a fourth ran out of memory. The tokens/s each
+device: the compiles and the host's work overlap. On an H200 (141 GB) four 0.1B jobs reached
+~140 GB and one ran out of memory; two BlockFFN jobs held ~100 GB. The tokens/s each
 variant then reports is a share of the device, not its throughput (``bench_train.py`` measures
 that). Each finished variant is merged into ``results.json`` under a file lock, so a run cut
 off keeps what finished and a later call trains only what is missing.
@@ -155,6 +155,13 @@ def run_variant(mode: str, name: str, out: str, overrides: list[str], verbose: b
     return res
 
 
+def best_val(r: dict) -> dict:
+    """The lowest point ``{"step", "val_loss"}`` of a variant's validation curve (its final loss
+    when the curve is missing)."""
+    val = r.get("curves", {}).get("val") or [{"step": r.get("steps", 0), "val_loss": r["val_loss"]}]
+    return min(val, key=lambda c: c["val_loss"])
+
+
 def check_directions(results: dict[str, dict]) -> list[dict]:
     """The paper's directions (its Tables 2 and 5, 0.1B scale), evaluated on these numbers."""
     g = lambda v, k: results[v].get(k) if v in results else None  # noqa: E731
@@ -180,8 +187,7 @@ def check_directions(results: dict[str, dict]) -> list[dict]:
           lambda a, b: a > b)
     claim("val loss: BlockFFN (AL+CS) <= dense + 0.05 nats (paper: PPL 14.88 vs 14.90)",
           [g("blockffn", "val_loss"), g("dense", "val_loss")], lambda a, b: a - b <= 0.05)
-    best = lambda v: min(c["val_loss"] for c in results[v]["curves"]["val"]) \
-        if v in results and results[v].get("curves", {}).get("val") else None  # noqa: E731
+    best = lambda v: best_val(results[v])["val_loss"] if v in results else None  # noqa: E731
     claim("best val loss (the curve's minimum): BlockFFN (AL+CS) <= dense + 0.05 nats",
           [best("blockffn"), best("dense")], lambda a, b: a - b <= 0.05)
     claim("SRP(8): BlockFFN (AL+CS) > top-k", [g("blockffn", f"srp_{SRP_LEN}"), g("topk", f"srp_{SRP_LEN}")],
@@ -233,8 +239,7 @@ def table(results: dict[str, dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
     for name, r in results.items():
-        val = r.get("curves", {}).get("val") or [{"step": r.get("steps", 0), "val_loss": r["val_loss"]}]
-        best = min(val, key=lambda c: c["val_loss"])
+        best = best_val(r)
         rows.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['val_loss']:.4f} | {best['val_loss']:.4f} ({best['step']}) | "
                     f"{f(r, 'tls')} | {f(r, 'cls_8')} | "
                     f"{f(r, 'reuse')} | {f(r, f'srp_{SRP_LEN}')} | {f(r, f'sch_{SRP_LEN}_rho{RHO:g}')} |")

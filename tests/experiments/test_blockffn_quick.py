@@ -64,14 +64,18 @@ def test_steps_rescale_the_schedule():
 def test_update_merges_variants_and_reevaluates_claims(tmp_path):
     run = _load()
     path = str(tmp_path / "results.json")
-    row = lambda loss: {"val_loss": loss, "tls": 0.8, "cls_8": 0.7,  # noqa: E731
-                        "curves": {"val": [{"step": 1, "val_loss": loss + 1}, {"step": 2, "val_loss": loss}]}}
-    run._update(path, lambda r: {**r, "variants": {**r["variants"], "dense": row(5.0)}})
-    rep = run._update(path, lambda r: {**r, "variants": {**r["variants"], "blockffn": row(5.1)}})
+    row = lambda loss, low: {"val_loss": loss, "tls": 0.8, "cls_8": 0.7,  # noqa: E731
+                             "curves": {"val": [{"step": 1, "val_loss": loss + 1}, {"step": 2, "val_loss": low},
+                                                {"step": 3, "val_loss": loss}]}}
+    run._update(path, lambda r: {**r, "variants": {**r["variants"], "dense": row(5.0, 5.0)}})
+    rep = run._update(path, lambda r: {**r, "variants": {**r["variants"], "blockffn": row(5.1, 4.9)}})
     assert set(json.load(open(path))["variants"]) == {"dense", "blockffn"} == set(rep["variants"])
     claims = {c["claim"]: c["holds"] for c in rep["claims"]}
     assert claims["BlockFFN (AL+CS) reaches CLS_8 >= 0.6 (paper: 0.714)"] is True
     assert claims["val loss: BlockFFN (AL+CS) <= dense + 0.05 nats (paper: PPL 14.88 vs 14.90)"] is False
+    # the curve's minimum (4.9 at step 2), not its final point, decides the best-val claim
+    assert claims["best val loss (the curve's minimum): BlockFFN (AL+CS) <= dense + 0.05 nats"] is True
+    assert run.best_val(rep["variants"]["blockffn"]) == {"step": 2, "val_loss": 4.9}
 
 
 @pytest.mark.slow
